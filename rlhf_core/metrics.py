@@ -1,0 +1,81 @@
+"""The one place for metric names.
+
+Trainers emit these through ``log_fn(metrics, step)``; ``tasks/`` logs them to MLflow and
+writes the final ones to ``metrics/<stage>.json``. Names follow TRL's where TRL has the same
+quantity (so users recognise them), under a split prefix: ``train/…`` during training,
+``eval/…`` on the held-out split. The parent run of a pipeline run gets ``<stage>/<name>``.
+"""
+
+from __future__ import annotations
+
+TRAIN = "train"
+EVAL = "eval"
+
+# Shared by every trainer.
+LOSS = "loss"
+LEARNING_RATE = "lr"
+GRAD_NORM = "grad_norm"
+EPOCH = "epoch"
+
+# SFT.
+PERPLEXITY = "perplexity"
+TOKEN_ACCURACY = "token_accuracy"
+
+# Reward model (Bradley-Terry).
+ACCURACY = "accuracy"
+MARGIN = "margin"
+REWARD_MEAN = "reward_mean"
+REWARD_STD = "reward_std"
+
+# DPO (TRL's names).
+REWARDS_CHOSEN = "rewards/chosen"
+REWARDS_REJECTED = "rewards/rejected"
+REWARDS_ACCURACIES = "rewards/accuracies"
+REWARDS_MARGINS = "rewards/margins"
+LOGPS_CHOSEN = "logps/chosen"
+LOGPS_REJECTED = "logps/rejected"
+
+# PPO (names of the N implementation details / TRL's former PPOTrainer).
+OBJECTIVE_KL = "objective/kl"
+OBJECTIVE_SCORES = "objective/scores"
+OBJECTIVE_RLHF_REWARD = "objective/rlhf_reward"
+OBJECTIVE_ENTROPY = "objective/entropy"
+OBJECTIVE_GOLD = "objective/gold_reward"
+POLICY_APPROXKL = "policy/approxkl"
+POLICY_CLIPFRAC = "policy/clipfrac"
+VAL_VPRED = "val/vpred"
+VAL_CLIPFRAC = "val/clipfrac"
+LOSS_POLICY = "loss/policy"
+LOSS_VALUE = "loss/value"
+KL_COEF = "objective/kl_coef"
+NO_EOS_FRACTION = "objective/no_eos_fraction"
+RESPONSE_LENGTH = "objective/response_length"
+
+# Trainer's own log keys -> ours.
+_HF_RENAMES = {"loss": LOSS, "learning_rate": LEARNING_RATE, "grad_norm": GRAD_NORM, "epoch": EPOCH}
+
+
+def key(split: str, name: str) -> str:
+    """``key("eval", "rewards/margins") == "eval/rewards/margins"``."""
+    return f"{split}/{name}"
+
+
+def from_trainer_logs(logs: dict[str, float]) -> dict[str, float]:
+    """Map a transformers ``Trainer`` log dict to our names.
+
+    ``eval_loss`` -> ``eval/loss``; ``loss`` -> ``train/loss``; ``learning_rate`` -> ``train/lr``;
+    metrics a trainer stored itself (``rewards/chosen``) -> ``train/rewards/chosen``.
+    Speed and bookkeeping entries (``train_runtime``, ``*_per_second``, ``total_flos``) keep
+    their own ``train/`` or ``eval/`` prefix.
+    """
+    out: dict[str, float] = {}
+    for name, value in logs.items():
+        if not isinstance(value, (int, float)):
+            continue
+        if name.startswith("eval_"):
+            out[key(EVAL, name[len("eval_"):])] = float(value)
+        elif name.startswith("train_"):
+            out[key(TRAIN, name[len("train_"):])] = float(value)
+        else:
+            out[key(TRAIN, _HF_RENAMES.get(name, name))] = float(value)
+    return out

@@ -1,0 +1,197 @@
+"""What every trainer shares: the base config, TrainingArguments, metric plumbing, resume.
+
+The loops themselves are transformers' ``Trainer`` (checkpoints, resume with optimizer,
+scheduler and RNG state, mixed precision, gradient accumulation, multi-GPU through
+Accelerate); our trainers only override ``compute_loss`` and ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from rlhf_core import metrics as M
+from rlhf_core.models.lora import LoraSettings
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by the SFT, reward-model and DPO trainers (a ``params.yaml`` group each)."""
+
+    output_dir: str = "outputs/run"
+    """Where checkpoints go (``checkpoint-<step>/``); the final model is saved by the caller."""
+    seed: int = 0
+    learning_rate: float = 5e-4
+    max_steps: int = 200
+    """Optimizer steps; training stops there (epochs are derived, data is cycled)."""
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int = 50
+    """Evaluate on the held-out split every ``eval_steps`` optimizer steps (and at the end)."""
+    save_steps: int = 50
+    """Write a checkpoint every ``save_steps`` optimizer steps; a restarted run resumes from the latest."""
+    save_total_limit: int | None = 2
+    resume: bool = True
+    """Resume from the latest checkpoint in ``output_dir`` when one exists."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 on a GPU that supports it, else fp32 (CPU runs are fp32)."""
+    max_length: int = 128
+    """Prompt + completion tokens (see ``rlhf_core.data.tokenize.TruncationConfig``)."""
+    max_prompt_length: int | None = None
+    """Longer prompts are cut keeping their end; ``None``: prompts are only bounded by ``max_length``."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters (peft) instead of all weights; merged into the saved model."""
+    progress: bool = True
+    """Show progress bars."""
+    extra_args: dict[str, Any] = field(default_factory=dict)
+    """Any other ``transformers.TrainingArguments`` field, passed through (e.g. ``torch_compile``)."""
+
+    def __post_init__(self) -> None:
+        positive = ("learning_rate", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps", "max_length")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"max_prompt_length must be in (0, max_length={self.max_length}), got {self.max_prompt_length}"
+            )
+
+
+def resolve_precision(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
+    """``TrainingArguments`` from our config; evaluation, logging and saving are step-based."""
+    kwargs: dict[str, Any] = dict(
+        output_dir=cfg.output_dir,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=[],
+        remove_unused_columns=False,  # our collators need the tokenised columns as they are
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        **resolve_precision(cfg.precision),
+    )
+    kwargs.update(cfg.extra_args)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+class LogFnCallback(TrainerCallback):
+    """Forwards every ``Trainer`` log (train and eval) to ``log_fn`` under our metric names."""
+
+    def __init__(self, log_fn: LogFn | None) -> None:
+        self.log_fn = log_fn
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer's signature
+        if self.log_fn and logs:
+            named = M.from_trainer_logs(logs)
+            if named:
+                self.log_fn(named, state.global_step)
+
+
+class StoredMetricsTrainer(Trainer):
+    """A ``Trainer`` whose ``compute_loss`` can store batch metrics, averaged into the next log.
+
+    As TRL does: metrics of every micro-batch since the last log are averaged, so a logged
+    ``rewards/accuracies`` covers ``logging_steps × accumulation`` batches, not one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stored: dict[str, list[float]] = defaultdict(list)
+
+    def store_metrics(self, values: dict[str, torch.Tensor | float]) -> None:
+        for name, value in values.items():
+            self._stored[name].append(float(value.detach().float().mean()) if torch.is_tensor(value) else float(value))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the averaged batch metrics
+            logs.update({name: sum(v) / len(v) for name, v in self._stored.items() if v})
+            self._stored.clear()
+        super().log(logs, start_time)
+
+    def finish_evaluate(self, metrics: dict[str, float], prefix: str) -> dict[str, float]:
+        """Log eval metrics and fire ``on_evaluate``, as ``Trainer.evaluate`` does."""
+        metrics = {f"{prefix}_{k}": float(v) for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def sum_across_processes(self, *values: float) -> list[float]:
+        """Sum per-process eval totals over all processes (a no-op on one)."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.args.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+    def gather_across_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """Concatenate per-process eval tensors (dropping the sampler's padding duplicates)."""
+        return self.accelerator.gather_for_metrics(values.to(self.args.device))
+
+
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-<step>`` folder in ``output_dir``, or ``None``."""
+    path = Path(output_dir)
+    return get_last_checkpoint(str(path)) if path.is_dir() else None
+
+
+def run_training(trainer: Trainer, cfg: TrainConfig) -> dict[str, float]:
+    """Train (resuming from the latest checkpoint when ``cfg.resume``), then evaluate once more.
+
+    Returns the final held-out metrics under our names (``eval/...``).
+    """
+    checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if checkpoint:
+        print(f"[rlhf] resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final = trainer.evaluate()
+    return {k: v for k, v in M.from_trainer_logs(final).items() if k.startswith(M.EVAL + "/")}
+
+
+class WithScalarFields:
+    """Wraps a collator to also pass per-example float fields (e.g. precomputed reference log-probs)."""
+
+    def __init__(self, collator: Callable[[list[dict]], dict[str, torch.Tensor]], fields: list[str]) -> None:
+        self.collator = collator
+        self.fields = fields
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(examples)
+        for name in self.fields:
+            batch[name] = torch.tensor([float(e[name]) for e in examples], dtype=torch.float32)  # (B,)
+        return batch

@@ -1,0 +1,185 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) on transformers' ``Trainer``.
+
+The reference policy is the starting model. By default its log-probs are computed once before
+training (``reference="precomputed"``: no second model in memory, as TRL's
+``precompute_ref_log_probs``); ``reference="live"`` keeps a frozen copy (or, with LoRA, the
+base model with adapters disabled) and scores each batch.
+Log-probs are sums over completion tokens; completion-token means for ``ipo`` (as TRL).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core import metrics as M
+from rlhf_core.data.collate import PreferenceCollator
+from rlhf_core.data.tokenize import TruncationConfig, tokenize_preference
+from rlhf_core.logprobs import sequence_logprobs
+from rlhf_core.losses import DPO_LOSSES, dpo_loss
+from rlhf_core.trainers.common import (
+    LogFn,
+    LogFnCallback,
+    StoredMetricsTrainer,
+    TrainConfig,
+    WithScalarFields,
+    run_training,
+    training_arguments,
+)
+from rlhf_core.trainers.lora_wrap import maybe_apply_lora
+from rlhf_core.trainers.sft import TrainResult
+
+REF_FIELDS = ["ref_chosen_logps", "ref_rejected_logps"]
+LENGTH_NORMALISED = {"ipo"}  # loss types fed completion-token MEAN log-probs (Azar et al. 2023)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """DPO settings (the ``dpo`` group of ``params.yaml``)."""
+
+    learning_rate: float = 5e-5
+    beta: float = 0.1
+    """β in DPO Eq. 7: strength of the implicit KL constraint to the reference."""
+    loss_type: str = "sigmoid"
+    """One of ``rlhf_core.losses.DPO_LOSSES``: sigmoid, ipo, hinge, robust."""
+    label_smoothing: float = 0.0
+    """ε: assumed share of flipped labels (conservative / robust DPO)."""
+    reference: Literal["precomputed", "live"] = "precomputed"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_type not in DPO_LOSSES:
+            raise ValueError(f"loss_type {self.loss_type!r} is not one of {sorted(DPO_LOSSES)}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion log-probs of chosen and rejected in one forward pass: (B,), (B,)."""
+    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])  # (2B, T)
+    completion_mask = torch.cat([batch["chosen_completion_mask"], batch["rejected_completion_mask"]])  # (2B, T)
+    logps = sequence_logprobs(model, input_ids, attention_mask, completion_mask, average=average)  # (2B,)
+    return logps.chunk(2)
+
+
+@torch.no_grad()
+def precompute_reference_logps(
+    model: torch.nn.Module, tokenized: datasets.Dataset, pad_token_id: int, *, average: bool, batch_size: int,
+    desc: str = "reference log-probs",
+) -> datasets.Dataset:
+    """Adds ``ref_chosen_logps``/``ref_rejected_logps`` columns scored by the (frozen) reference."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(tokenized, batch_size=batch_size, shuffle=False, collate_fn=PreferenceCollator(pad_token_id))
+    chosen_all, rejected_all = [], []
+    for batch in tqdm(loader, desc=desc, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        chosen, rejected = pair_logps(model, batch, average=average)
+        chosen_all += chosen.float().cpu().tolist()
+        rejected_all += rejected.float().cpu().tolist()
+    model.train(was_training)
+    return tokenized.add_column(REF_FIELDS[0], chosen_all).add_column(REF_FIELDS[1], rejected_all)
+
+
+class DPOTrainer(StoredMetricsTrainer):
+    dpo: DPOConfig
+    ref_model: torch.nn.Module | None = None  # only for reference="live"
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dpo.reference == "precomputed":
+            return batch[REF_FIELDS[0]], batch[REF_FIELDS[1]]
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return pair_logps(self.ref_model, batch, average=average)
+            with self.accelerator.unwrap_model(self.model).disable_adapter():  # LoRA: base model = reference
+                return pair_logps(self.model, batch, average=average)
+
+    def _batch_terms(self, model, batch):  # noqa: ANN001
+        average = self.dpo.loss_type in LENGTH_NORMALISED
+        chosen, rejected = pair_logps(model, batch, average=average)
+        ref_chosen, ref_rejected = self._reference_logps(batch, average)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype),
+            beta=self.dpo.beta, loss_type=self.dpo.loss_type, label_smoothing=self.dpo.label_smoothing,
+        )
+        stats = {
+            M.REWARDS_CHOSEN: chosen_rewards,
+            M.REWARDS_REJECTED: rejected_rewards,
+            M.REWARDS_ACCURACIES: (chosen_rewards > rejected_rewards).float(),
+            M.REWARDS_MARGINS: chosen_rewards - rejected_rewards,
+            M.LOGPS_CHOSEN: chosen.detach(),
+            M.LOGPS_REJECTED: rejected.detach(),
+        }
+        return losses, stats
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        losses, stats = self._batch_terms(model, inputs)
+        self.store_metrics(stats)
+        loss = losses.mean()
+        return (loss, stats) if return_outputs else loss
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
+        model = self.model.eval()
+        collected: dict[str, list[torch.Tensor]] = {}
+        for batch in self.get_eval_dataloader(eval_dataset):
+            losses, stats = self._batch_terms(model, self._prepare_inputs(batch))
+            for name, value in {M.LOSS: losses.detach(), **stats}.items():
+                collected.setdefault(name, []).append(value.float())
+        means = {name: float(self.gather_across_processes(torch.cat(v)).mean()) for name, v in collected.items()}
+        return self.finish_evaluate(means, metric_key_prefix)
+
+
+def train_dpo(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_data: datasets.Dataset,
+    eval_data: datasets.Dataset,
+    cfg: DPOConfig,
+    log_fn: LogFn | None = None,
+    ref_model: PreTrainedModel | None = None,
+    **trainer_kwargs: Any,
+) -> TrainResult:
+    """DPO-train ``model`` on normalised preference records; the reference is ``ref_model`` or ``model`` as given."""
+    trunc = TruncationConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    train_tok, train_stats = tokenize_preference(train_data, tokenizer, trunc)
+    eval_tok, eval_stats = tokenize_preference(eval_data, tokenizer, trunc)
+    fields: list[str] = []
+    if cfg.reference == "precomputed":
+        reference = ref_model if ref_model is not None else model
+        average = cfg.loss_type in LENGTH_NORMALISED
+        kwargs = dict(average=average, batch_size=cfg.per_device_eval_batch_size)
+        train_tok = precompute_reference_logps(reference, train_tok, tokenizer.pad_token_id, **kwargs)
+        eval_tok = precompute_reference_logps(reference, eval_tok, tokenizer.pad_token_id, **kwargs)
+        fields = REF_FIELDS
+    elif ref_model is None and cfg.lora is None:
+        ref_model = copy.deepcopy(model)  # frozen snapshot of the starting policy
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False)
+    model = maybe_apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
+    trainer = DPOTrainer(
+        model=model,
+        args=training_arguments(cfg),
+        train_dataset=train_tok,
+        eval_dataset=eval_tok,
+        data_collator=WithScalarFields(PreferenceCollator(tokenizer.pad_token_id), fields),
+        processing_class=tokenizer,
+        callbacks=[LogFnCallback(log_fn)],
+        **trainer_kwargs,
+    )
+    trainer.dpo = cfg
+    if cfg.reference == "live" and ref_model is not None:
+        trainer.ref_model = ref_model.to(trainer.args.device)
+    metrics = run_training(trainer, cfg)
+    return TrainResult(model=trainer.model, metrics=metrics, train_stats=train_stats, eval_stats=eval_stats)

@@ -1,0 +1,108 @@
+"""Supervised fine-tuning: next-token NLL on completion tokens only (prompt tokens carry no loss)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core import metrics as M
+from rlhf_core.data.collate import SFTCollator
+from rlhf_core.data.tokenize import TokenizeStats, TruncationConfig, tokenize_sft
+from rlhf_core.losses import sft_loss
+from rlhf_core.trainers.common import (
+    LogFn,
+    LogFnCallback,
+    StoredMetricsTrainer,
+    TrainConfig,
+    run_training,
+    training_arguments,
+)
+from rlhf_core.trainers.lora_wrap import maybe_apply_lora
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """SFT settings (the ``sft`` group of ``params.yaml``); all fields are ``TrainConfig``'s."""
+
+
+@dataclass
+class TrainResult:
+    model: PreTrainedModel
+    metrics: dict[str, float]
+    """Final held-out metrics (``eval/...``)."""
+    train_stats: TokenizeStats
+    eval_stats: TokenizeStats
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Align logits at t with the token at t+1: (B,T,V),(B,T) -> (B,T-1,V),(B,T-1),(B,T-1) mask."""
+    targets = labels[:, 1:]  # (B, T-1)
+    return logits[:, :-1], targets, targets != -100
+
+
+class SFTTrainer(StoredMetricsTrainer):
+    def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        logits, targets, mask = _shifted(logits, inputs["labels"])
+        loss = sft_loss(logits, targets, mask)
+        correct = ((logits.detach().argmax(-1) == targets) & mask).sum()
+        return loss, correct, mask.sum()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        loss, correct, n_tokens = self._forward(model, inputs)
+        self.store_metrics({M.TOKEN_ACCURACY: correct / n_tokens.clamp(min=1)})
+        return (loss, {}) if return_outputs else loss
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
+        model = self.model.eval()
+        nll = correct = tokens = 0.0
+        for batch in self.get_eval_dataloader(eval_dataset):
+            batch = self._prepare_inputs(batch)
+            loss, n_correct, n_tokens = self._forward(model, batch)
+            nll += float(loss) * float(n_tokens)
+            correct += float(n_correct)
+            tokens += float(n_tokens)
+        nll, correct, tokens = self.sum_across_processes(nll, correct, tokens)
+        loss = nll / max(tokens, 1.0)
+        return self.finish_evaluate(
+            {M.LOSS: loss, M.PERPLEXITY: math.exp(min(loss, 50.0)), M.TOKEN_ACCURACY: correct / max(tokens, 1.0)},
+            metric_key_prefix,
+        )
+
+
+def train_sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_data: datasets.Dataset,
+    eval_data: datasets.Dataset,
+    cfg: SFTConfig,
+    log_fn: LogFn | None = None,
+    **trainer_kwargs: Any,
+) -> TrainResult:
+    """Fine-tune ``model`` on normalised SFT records (``prompt``, ``prompt_messages``, ``completion``).
+
+    Checkpoints every ``cfg.save_steps`` into ``cfg.output_dir`` and resumes from the latest one.
+    Returns the trained model (LoRA adapters, if any, still attached) and final held-out metrics.
+    """
+    trunc = TruncationConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    train_tok, train_stats = tokenize_sft(train_data, tokenizer, trunc)
+    eval_tok, eval_stats = tokenize_sft(eval_data, tokenizer, trunc)
+    model = maybe_apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(
+        model=model,
+        args=training_arguments(cfg),
+        train_dataset=train_tok,
+        eval_dataset=eval_tok,
+        data_collator=SFTCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[LogFnCallback(log_fn)],
+        **trainer_kwargs,
+    )
+    metrics = run_training(trainer, cfg)
+    return TrainResult(model=trainer.model, metrics=metrics, train_stats=train_stats, eval_stats=eval_stats)
