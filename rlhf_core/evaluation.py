@@ -1,0 +1,95 @@
+"""Evaluation of policies on held-out prompts: rewards, KL to the reference, win rates, diversity.
+
+Pure functions over tensors and lists, plus ``evaluate_policy`` which samples a policy's
+responses once and scores them every way. The ``evaluate`` stage calls it for SFT, PPO and DPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from rlhf_core.generation import generate
+from rlhf_core.logprobs import token_logprobs
+from rlhf_core.models.scalar_head import sequence_scores
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams / all word n-grams over every text; 0 if none."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
+    """Share of prompts where ``scores`` beat ``baseline`` (ties count ½)."""
+    if len(scores) != len(baseline) or not scores:
+        raise ValueError(f"win_rate needs two equal, non-empty lists; got {len(scores)} and {len(baseline)}")
+    return sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline)) / len(scores)
+
+
+def sequence_kl(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monte-Carlo KL(π‖π_ref) of sampled responses, k1 estimator Σ_t (log π − log π_ref).
+
+    Shapes: logps (B, T) of the sampled tokens, mask (B, T). Returns (per-sequence KL (B,),
+    per-token KL (B,) = per-sequence / response length).
+    """
+    per_seq = ((policy_logps - ref_logps) * mask).sum(-1)  # (B,)
+    return per_seq, per_seq / mask.sum(-1).clamp(min=1)
+
+
+@dataclass
+class PolicyEvaluation:
+    responses: list[str]
+    rm_scores: list[float]
+    gold: list[float] | None
+    kl_per_sequence: list[float]
+    kl_per_token: list[float]
+    lengths: list[int]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _response_logps(model, query_response: torch.Tensor, attention_mask: torch.Tensor, n_query: int, temperature: float) -> torch.Tensor:
+    """log-probs of the response tokens: (B, R) for query_response (B, Q+R)."""
+    logps = token_logprobs(model, query_response, attention_mask, temperature=temperature)  # (B, Q+R-1)
+    return logps[:, n_query - 1:]  # column t predicts token t+1: response tokens start at Q
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy, reference, reward_model, tokenizer, prompts: list[str], prompt_ids: list[list[int]], *,
+    max_new_tokens: int, temperature: float, batch_size: int, seed: int, gold_fn: RewardFn | None = None,
+) -> PolicyEvaluation:
+    """Sample one response per prompt from ``policy`` and score it (RM, gold, KL to ``reference``)."""
+    out = generate(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                   do_sample=True, batch_size=batch_size, seed=seed)
+    n_query = out.query_ids.shape[1]
+    query_response = torch.cat([out.query_ids, out.response_ids], dim=1)  # (B, Q+R)
+    attention_mask = torch.cat([out.query_mask, out.response_mask], dim=1)  # (B, Q+R)
+    rm_scores, kl_seq, kl_tok = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        ids, mask, rmask = query_response[rows], attention_mask[rows], out.response_mask[rows]
+        rm_scores += sequence_scores(reward_model, ids, mask).float().tolist()
+        pol = _response_logps(policy, ids, mask, n_query, temperature)
+        ref = _response_logps(reference, ids, mask, n_query, temperature)
+        per_seq, per_tok = sequence_kl(pol, ref, rmask.to(pol.dtype))
+        kl_seq += per_seq.tolist()
+        kl_tok += per_tok.tolist()
+    lengths = out.response_mask.sum(-1).tolist()
+    gold = gold_fn(prompts, out.texts) if gold_fn is not None else None
+    metrics = {
+        "rm_score": sum(rm_scores) / len(rm_scores),
+        "kl_per_sequence": sum(kl_seq) / len(kl_seq),
+        "kl_per_token": sum(kl_tok) / len(kl_tok),
+        "response_length": sum(lengths) / len(lengths),
+        "distinct_1": distinct_n(out.texts, 1),
+        "distinct_2": distinct_n(out.texts, 2),
+    }
+    if gold is not None:
+        metrics["gold_reward"] = sum(gold) / len(gold)
+    return PolicyEvaluation(out.texts, rm_scores, gold, kl_seq, kl_tok, [int(n) for n in lengths], metrics)

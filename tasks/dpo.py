@@ -1,0 +1,32 @@
+"""Stage ``dpo``: Direct Preference Optimization of the SFT model, the SFT model as reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.workspace import Workspace
+
+STAGE = "dpo"
+
+
+def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
+    from rlhf_core.models import load_causal_lm
+    from rlhf_core.trainers.dpo import DPOConfig, train_dpo
+    from tasks.training_io import run_training_stage
+
+    return run_training_stage(
+        STAGE, params, ws, tracker, config_cls=DPOConfig, train_fn=train_dpo,
+        make_model=lambda tokenizer, cfg: load_causal_lm(str(ws.model("sft"))),
+        train_split="pref_train", eval_split="pref_test",
+        inputs=[ws.split("pref_train"), ws.split("pref_test"), ws.model("sft")],
+    )
+
+
+def main() -> None:
+    from tasks.stage_main import stage_main
+
+    stage_main(STAGE, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Stage ``prepare``: build the normalised, versioned data splits (and the tokenizer).
+
+By default the synthetic task (``rlhf_core.synthetic``) is generated; configured datasets
+(any file, folder, ``s3://`` URI or hub name the data layer accepts, in any supported
+format) replace it. Writes ``data/prepared/{sft_train,sft_test,pref_train,pref_test,prompts}.jsonl``,
+``data/tokenizer/`` and ``metrics/prepare.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.params import typed
+from tasks.workspace import SPLITS, Workspace, write_json
+
+
+@dataclass
+class SyntheticConfig:
+    """Sizes and label noise of the synthetic task (see ``rlhf_core.synthetic``)."""
+
+    n_sft: int = 2000
+    n_pref_train: int = 2000
+    n_pref_test: int = 400
+    n_prompts: int = 200
+    temperature: float = 0.2
+    """Bradley–Terry temperature of the simulated labellers: lower = less label noise."""
+
+
+@dataclass
+class PrepareConfig:
+    """The ``prepare`` group of ``params.yaml``."""
+
+    seed: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    sft_data: str | None = None
+    """SFT demonstrations: file, folder, s3:// URI or hub name; ``null``: the synthetic task."""
+    sft_format: str = "auto"
+    preference_data: str | None = None
+    """Preference pairs, as above; ``null``: the synthetic task."""
+    preference_format: str = "auto"
+    prompt_data: str | None = None
+    """Held-out prompts for PPO/evaluation; ``null``: the prompts of the preference test split."""
+    prompt_format: str = "auto"
+    test_fraction: float = 0.1
+    """Share of a configured dataset held out for evaluation (the synthetic task has its own splits)."""
+    max_rows: int | None = None
+    """Keep at most this many rows per configured dataset (after shuffling), for quick trials."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.max_rows is not None and self.max_rows < 2:
+            raise ValueError(f"max_rows must be >= 2, got {self.max_rows}")
+
+
+@dataclass
+class ModelConfig:
+    """The ``model`` group: the base model of every training stage."""
+
+    name_or_path: str | None = None
+    """A local folder or hub name of a causal LM; ``null``: a tiny model trained from scratch."""
+    trust_remote_code: bool = False
+    dtype: str | None = None
+    tokenizer_vocab_size: int = 512
+    """Vocabulary of the tokenizer trained from scratch (only when ``name_or_path`` is null)."""
+    tiny: dict[str, Any] = field(default_factory=dict)
+    """``rlhf_core.models.TinyModelConfig`` fields for the from-scratch model."""
+
+
+def _load_normalised(source: str, kind: str, fmt: str):
+    from rlhf_core.data.formats import normalize
+    from rlhf_core.data.loading import load_records
+
+    return normalize(load_records(source), kind=kind, format=fmt)
+
+
+def _split(ds, test_fraction: float, seed: int, max_rows: int | None):
+    ds = ds.shuffle(seed=seed)
+    if max_rows is not None:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    parts = ds.train_test_split(test_size=test_fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def build_splits(cfg: PrepareConfig, scratch: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The five normalised splits, and facts about them (sources, formats, synthetic task info)."""
+    from rlhf_core.synthetic import generate_task
+
+    info: dict[str, Any] = {}
+    splits: dict[str, Any] = {}
+    synthetic_dir = scratch / "synthetic"
+    if cfg.sft_data is None or cfg.preference_data is None:
+        syn = cfg.synthetic
+        info["synthetic"] = generate_task(
+            synthetic_dir, seed=cfg.seed, n_sft=syn.n_sft, n_pref_train=syn.n_pref_train,
+            n_pref_test=syn.n_pref_test, n_prompts=syn.n_prompts, temperature=syn.temperature,
+        )
+    if cfg.sft_data is None:
+        sft = _load_normalised(str(synthetic_dir / "sft.jsonl"), "sft", "prompt_completion")
+        splits["sft_train"], splits["sft_test"] = _split(sft, cfg.test_fraction, cfg.seed, None)
+    else:
+        splits["sft_train"], splits["sft_test"] = _split(
+            _load_normalised(cfg.sft_data, "sft", cfg.sft_format), cfg.test_fraction, cfg.seed, cfg.max_rows
+        )
+    if cfg.preference_data is None:
+        splits["pref_train"] = _load_normalised(str(synthetic_dir / "preferences_train.jsonl"), "preference", "prompt_chosen_rejected")
+        splits["pref_test"] = _load_normalised(str(synthetic_dir / "preferences_test.jsonl"), "preference", "prompt_chosen_rejected")
+    else:
+        splits["pref_train"], splits["pref_test"] = _split(
+            _load_normalised(cfg.preference_data, "preference", cfg.preference_format),
+            cfg.test_fraction, cfg.seed, cfg.max_rows,
+        )
+    if cfg.prompt_data is not None:
+        splits["prompts"] = _load_normalised(cfg.prompt_data, "prompt", cfg.prompt_format)
+    elif cfg.preference_data is None:
+        splits["prompts"] = _load_normalised(str(synthetic_dir / "prompts.jsonl"), "prompt", "auto")
+    else:
+        splits["prompts"] = splits["pref_test"].select_columns(["prompt", "prompt_messages"])
+    return splits, info
+
+
+def build_tokenizer(model_cfg: ModelConfig, splits: dict[str, Any]):
+    """Train a tokenizer on the prepared texts (from-scratch model) or load the base model's."""
+    from rlhf_core.models import load_tokenizer, train_tokenizer
+
+    if model_cfg.name_or_path is not None:
+        return load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+
+    def texts():
+        for name, ds in splits.items():
+            for row in ds:
+                yield row["prompt"]
+                for col in ("completion", "chosen", "rejected"):
+                    if col in row:
+                        yield row[col]
+
+    return train_tokenizer(texts(), vocab_size=model_cfg.tokenizer_vocab_size)
+
+
+def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
+    cfg = typed(params, "prepare", PrepareConfig)
+    model_cfg = typed(params, "model", ModelConfig)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rlhf-prepare-") as tmp:
+        splits, info = build_splits(cfg, Path(tmp))
+        data_seconds = time.perf_counter() - started
+        tokenizer_started = time.perf_counter()
+        tokenizer = build_tokenizer(model_cfg, splits)
+        tokenizer_seconds = time.perf_counter() - tokenizer_started
+        # Write everything beside the old outputs first, then swap: a failure leaves them intact.
+        staging = Path(tmp) / "out"
+        for name in SPLITS:
+            splits[name].to_json(staging / "prepared" / f"{name}.jsonl", lines=True, force_ascii=False)
+        if "synthetic" in info:
+            shutil.copy(Path(tmp) / "synthetic" / "task.json", staging / "prepared" / "task.json")
+        tokenizer.save_pretrained(staging / "tokenizer")
+        for src, dst in ((staging / "prepared", ws.prepared), (staging / "tokenizer", ws.tokenizer)):
+            if dst.exists():
+                shutil.rmtree(dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), dst)
+    metrics: dict[str, Any] = {f"rows/{name}": len(splits[name]) for name in SPLITS}
+    metrics["vocab_size"] = len(tokenizer)
+    metrics["seconds/data"] = round(data_seconds, 3)
+    metrics["seconds/tokenizer"] = round(tokenizer_seconds, 3)
+    if "synthetic" in info:
+        task = info["synthetic"]
+        for name in ("bayes_accuracy_train", "bayes_accuracy_test"):
+            if name in task:
+                metrics[f"synthetic/{name}"] = task[name]
+    write_json(ws.metrics("prepare"), metrics)
+    if tracker is not None:
+        for name in SPLITS:
+            tracker.log_dataset(splits[name].to_pandas(), name=name, context=name, source=str(ws.split(name)))
+    return metrics
+
+
+def main() -> None:
+    from tasks.stage_main import stage_main
+
+    stage_main("prepare", run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The entry point every stage shares (``python -m tasks.<stage>``, as ``dvc.yaml`` calls it).
+
+Loads ``params.yaml``, opens the stage's MLflow run (nested under the pipeline's parent run
+when ``$RLHF_PARENT_RUN_ID`` is set), runs the stage's pure ``run(params, ws, tracker)``,
+logs its final metrics and the hashes of its outputs, and turns a user error (bad params,
+bad data, failed validation) into a readable message and exit code 1 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from tasks.params import ParamsError, load_params
+from tasks.workspace import Workspace
+
+StageFn = Callable[[dict[str, Any], Workspace, Any], dict[str, Any]]
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says why and what to fix."""
+
+
+def dvc_stage(ws: Workspace, stage: str) -> dict[str, Any]:
+    """The stage's entry in ``dvc.yaml`` (the one DAG)."""
+    dag = yaml.safe_load((ws.root / "dvc.yaml").read_text()) or {}
+    try:
+        return dag["stages"][stage]
+    except KeyError:
+        raise StageError(f"dvc.yaml has no stage {stage!r}") from None
+
+
+def stage_params(params: dict[str, Any], ws: Workspace, stage: str) -> dict[str, Any]:
+    """Only the dotted keys ``dvc.yaml`` lists for this stage, as a nested dict."""
+    keys = [k for entry in dvc_stage(ws, stage).get("params", []) for k in ([entry] if isinstance(entry, str) else entry)]
+    out: dict[str, Any] = {}
+    for dotted in keys:
+        node: Any = params
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        cursor = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = node
+    return out
+
+
+def stage_outputs(ws: Workspace, stage: str) -> list[Path]:
+    outs = dvc_stage(ws, stage).get("outs", [])
+    return [ws.root / (o if isinstance(o, str) else next(iter(o))) for o in outs]
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def stage_main(stage: str, run: StageFn) -> None:
+    from rlhf_core.data.formats import DataFormatError
+    from rlhf_core.data.loading import DataLoadError
+    from tasks.tracking import stage_run
+
+    ws = Workspace.here()
+    started = time.perf_counter()
+    try:
+        params = load_params(ws.params_file)
+        with stage_run(stage, stage_params(params, ws, stage), project_dir=ws.root, tracking=params.get("tracking")) as tracker:
+            metrics = run(params, ws, tracker)
+            tracker.log_metrics(_numeric(metrics))
+            tracker.log_output_hashes(stage_outputs(ws, stage), ws.root)
+    except (ParamsError, DataFormatError, DataLoadError, StageError) as err:
+        print(f"\n[rlhf] stage '{stage}' failed: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(f"[rlhf] stage '{stage}' done in {time.perf_counter() - started:.1f}s")

@@ -1,0 +1,146 @@
+"""Glue the training stages share: loading splits and models, recording curves, saving outputs."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+from tasks.workspace import Workspace
+
+
+def load_split(ws: Workspace, name: str):
+    """A prepared split (normalised records) as a ``datasets.Dataset``."""
+    from rlhf_core.data.loading import load_records
+
+    return load_records(ws.split(name))
+
+
+def load_tokenizer(ws: Workspace):
+    from rlhf_core.models import load_tokenizer as _load
+
+    return _load(str(ws.tokenizer))
+
+
+def base_causal_lm(params: dict[str, Any], tokenizer, seed: int):
+    """The starting model of SFT: ``model.name_or_path``, or a tiny model built from scratch."""
+    from rlhf_core.models import TinyModelConfig, build_tiny_causal_lm, load_causal_lm
+    from tasks.params import typed
+    from tasks.prepare import ModelConfig
+
+    cfg = typed(params, "model", ModelConfig)
+    if cfg.name_or_path is None:
+        from rlhf_core.config import config_from_dict
+
+        return build_tiny_causal_lm(tokenizer, config_from_dict(TinyModelConfig, cfg.tiny, section="model.tiny"), seed=seed)
+    return load_causal_lm(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+
+
+class CurveRecorder:
+    """Wraps a ``log_fn``: forwards to MLflow and keeps the curves for ``plots/<stage>/``."""
+
+    def __init__(self, forward: Callable[[dict[str, float], int], None] | None) -> None:
+        self.forward = forward
+        self.rows: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            split = name.split("/", 1)[0]
+            self.rows[split][step][name] = value
+        if self.forward is not None:
+            self.forward(metrics, step)
+
+    def write(self, out_dir: Path) -> list[Path]:
+        """One CSV per split (``train.csv``, ``eval.csv``): a ``step`` column and one per metric."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for split, by_step in self.rows.items():
+            columns = sorted({k for row in by_step.values() for k in row})
+            path = out_dir / f"{split}.csv"
+            with path.open("w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["step", *columns])
+                for step in sorted(by_step):
+                    writer.writerow([step, *(by_step[step].get(c, "") for c in columns)])
+            written.append(path)
+        return written
+
+
+def log_fn_of(tracker: Any) -> Callable[[dict[str, float], int], None] | None:
+    return getattr(tracker, "log_fn", None)
+
+
+def save_model_atomically(model, tokenizer, out_dir: Path) -> None:
+    """Save (safetensors, LoRA merged) beside ``out_dir`` and swap it in only when complete."""
+    from rlhf_core.models import save_model
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        save_model(model, tokenizer, staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def tokenize_stats(prefix: str, stats: Any) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in stats.to_dict().items()}
+
+
+def checkpoint_dir(ws: Workspace, stage: str, params: dict[str, Any], inputs: list[Path]) -> Path:
+    """Checkpoints of one stage run, keyed by its params and inputs.
+
+    An interrupted stage re-run with the same params and inputs resumes from its latest
+    checkpoint; a run with other params or inputs starts fresh instead of resuming stale state.
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(params.get(stage), sort_keys=True, default=str).encode())
+    for path in sorted(inputs):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:  # size + mtime: cheap for multi-GB checkpoints, and changes whenever DVC rewrites them
+            stat = f.stat()
+            digest.update(f"{f.relative_to(ws.root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return ws.checkpoints(stage) / digest.hexdigest()[:12]
+
+
+def run_training_stage(
+    stage: str, params: dict[str, Any], ws: Workspace, tracker: Any, *, config_cls: type, train_fn: Callable,
+    make_model: Callable[[Any, Any], Any], train_split: str, eval_split: str, inputs: list[Path],
+) -> dict[str, Any]:
+    """Shared body of the ``sft``, ``reward`` and ``dpo`` stages.
+
+    Loads the config and tokenizer, builds the starting model (``make_model(tokenizer, cfg)``),
+    trains with checkpoints under ``checkpoints/<stage>/<key>``, saves the final model to
+    ``models/<stage>`` atomically, writes curves and ``metrics/<stage>.json``, and removes the
+    checkpoints once the model is saved (the model itself is versioned by DVC).
+    """
+    import time
+
+    from tasks.params import typed
+    from tasks.workspace import write_json
+
+    ckpt = checkpoint_dir(ws, stage, params, inputs)
+    cfg = typed(params, stage, config_cls, output_dir=str(ckpt))
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(ws)
+    model = make_model(tokenizer, cfg)
+    curves = CurveRecorder(log_fn_of(tracker))
+    result = train_fn(model, tokenizer, load_split(ws, train_split), load_split(ws, eval_split), cfg, log_fn=curves)
+    save_model_atomically(result.model, tokenizer, ws.model(stage))
+    curves.write(ws.plots(stage))
+    metrics = {
+        **result.metrics,
+        **tokenize_stats("data/train", result.train_stats),
+        **tokenize_stats("data/eval", result.eval_stats),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(ws.metrics(stage), metrics)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics
