@@ -23,7 +23,11 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+# Subprocesses (dvc, python -m tasks.<stage>) must use this environment's executables.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 import pytest  # noqa: E402
 

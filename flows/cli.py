@@ -1,0 +1,88 @@
+"""The ``rlhf`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="RLHF alignment pipeline: SFT, reward model, PPO and DPO as versioned, validated, tracked stages.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect datasets the pipeline can read.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+WORKSPACE = typer.Option(Path("."), "--workspace", "-w", help="Project folder (a git + DVC repo of this project).")
+
+
+@app.command()
+def run(
+    workspace: Path = WORKSPACE,
+    set_: list[str] = typer.Option([], "--set", "-S", help="Override a parameter, e.g. --set dpo.beta=0.2 (repeatable)."),
+    stage: list[str] = typer.Option([], "--stage", help="Run only this stage (repeatable); default: all."),
+    push: bool = typer.Option(True, "--push/--no-push", help="Push outputs to the DVC remote at the end."),
+    remote: Optional[str] = typer.Option(None, help="DVC remote to push to (default: the repo's default remote)."),
+) -> None:
+    """Run the whole pipeline as a Prefect flow (embedded defaults: no servers needed)."""
+    from flows import env_defaults
+
+    root = workspace.resolve()
+    env_defaults.apply(root)
+    from flows.alignment import alignment_flow
+    from flows.report import print_run_summary
+    from tasks.dvc_ops import StageFailed
+
+    try:
+        result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote, stages=list(stage) or None)
+    except StageFailed as err:
+        typer.secho(f"\n[rlhf] {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    print_run_summary(result)
+
+
+@app.command("stage")
+def stage_cmd(name: str = typer.Argument(..., help="prepare | validate | sft | reward | ppo | dpo | evaluate")) -> None:
+    """Run one stage in the current directory (what dvc.yaml's `python -m tasks.<stage>` does)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"tasks.{name}")
+    except ModuleNotFoundError:
+        typer.secho(f"unknown stage {name!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    module.main()
+
+
+@data_app.command("inspect")
+def data_inspect(
+    source: str = typer.Argument(..., help="File, folder, s3:// URI or hub name."),
+    kind: str = typer.Option("preference", help="sft | preference | prompt"),
+    format: str = typer.Option("auto", "--format", help="Force a format instead of detecting it."),
+    rows: int = typer.Option(2, help="Example rows to show."),
+) -> None:
+    """Load a dataset, detect its format, normalise it and show what the pipeline would see."""
+    from rlhf_core.data.formats import DataFormatError, detect_format, normalize
+    from rlhf_core.data.loading import DataLoadError, load_records
+
+    try:
+        raw = load_records(source)
+        detected = detect_format(raw, kind) if format == "auto" else format
+        ds = normalize(raw, kind=kind, format=format)
+    except (DataFormatError, DataLoadError) as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{source}: {len(raw)} rows, columns {raw.column_names}")
+    typer.echo(f"format: {detected} -> {kind} records with columns {ds.column_names}")
+    for i in range(min(rows, len(ds))):
+        typer.echo(f"--- row {i}")
+        for col in ds.column_names:
+            if col != "prompt_messages":
+                typer.echo(f"{col}: {str(ds[i][col])[:300]!s}")
+
+
+if __name__ == "__main__":
+    app()

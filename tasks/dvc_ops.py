@@ -1,0 +1,107 @@
+"""DVC as the pipeline's engine: stage order from ``dvc.yaml``, ``dvc repro -s``, push and pull.
+
+DVC is driven through its CLI in a subprocess in the workspace (robust where the in-process
+API is not, and one DVC call at a time per workspace: DVC holds a repo lock).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+SKIP_MARKER = "didn't change, skipping"
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, tail: list[str]) -> None:
+        self.stage = stage
+        self.returncode = returncode
+        self.tail = tail
+        last = "\n".join(f"    {line}" for line in tail[-15:])
+        super().__init__(
+            f"stage '{stage}' failed (exit {returncode}). Outputs of earlier stages and of earlier runs "
+            f"are intact; fix the cause and run again (finished stages are skipped).\n  last output:\n{last}"
+        )
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    ran: bool
+    """False when DVC found the stage up to date and skipped it."""
+    seconds: float
+
+
+def _paths(entries: list) -> list[str]:
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def stage_order(root: Path) -> list[str]:
+    """Stages of ``dvc.yaml`` in dependency order (ties keep file order)."""
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    produces = {name: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for name, s in stages.items()}
+
+    def upstream(name: str) -> set[str]:
+        deps = _paths(stages[name].get("deps"))
+        return {
+            other for other, outs in produces.items() if other != name
+            and any(d == o or d.startswith(o.rstrip("/") + "/") or o.startswith(d.rstrip("/") + "/") for d in deps for o in outs)
+        }
+
+    order: list[str] = []
+    pending = list(stages)
+    while pending:
+        ready = [s for s in pending if upstream(s) <= set(order)]
+        if not ready:
+            raise ValueError(f"dvc.yaml has a dependency cycle among {pending}")
+        order.append(ready[0])
+        pending.remove(ready[0])
+    return order
+
+
+def dvc(root: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one DVC command in ``root`` and capture its output."""
+    proc = subprocess.run(["dvc", *args], cwd=root, env={**os.environ, **(env or {})}, text=True, capture_output=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def repro_stage(root: Path, stage: str, *, env: dict[str, str] | None = None, echo: Callable[[str], None] = print,
+                force: bool = False) -> StageOutcome:
+    """``dvc repro -s <stage>``, streaming its output line by line through ``echo``."""
+    started = time.perf_counter()
+    cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    skipped = False
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip("\n").split("\r")[-1]  # progress bars redraw with \r: keep their last state
+        if not line.strip():
+            continue
+        skipped = skipped or SKIP_MARKER in line
+        tail = (tail + [line])[-40:]
+        echo(line)
+    returncode = proc.wait()
+    if returncode != 0:
+        raise StageFailed(stage, returncode, tail)
+    return StageOutcome(stage=stage, ran=not skipped, seconds=time.perf_counter() - started)
+
+
+def push(root: Path, remote: str | None = None) -> str:
+    args = ["push"] + (["-r", remote] if remote else [])
+    return dvc(root, *args).stdout.strip()
+
+
+def status_clean(root: Path) -> bool:
+    """True when ``dvc status`` has nothing to do."""
+    out = dvc(root, "status", "--json").stdout.strip()
+    return out in ("{}", "")
