@@ -57,6 +57,57 @@ def stage_cmd(name: str = typer.Argument(..., help="prepare | validate | sft | r
     module.main()
 
 
+def _tracking(root: Path) -> dict | None:
+    from tasks.params import load_params
+
+    params_file = root / "params.yaml"
+    return load_params(params_file).get("tracking") if params_file.exists() else None
+
+
+@app.command()
+def reproduce(
+    run_id: str = typer.Argument(..., help="Parent MLflow run id of a pipeline run (printed by `rlhf run`)."),
+    workspace: Path = WORKSPACE,
+    recompute: bool = typer.Option(False, "--recompute", help="Recompute every stage instead of pulling outputs."),
+    worktree: Optional[Path] = typer.Option(None, help="Where to rebuild (default: a new temporary folder)."),
+) -> None:
+    """Rebuild a past run from its logged params.yaml, dvc.lock and git commit; report whether it matches."""
+    from flows import env_defaults
+    from flows.report import print_reproduce_report
+    from tasks.reproduce import reproduce as do_reproduce
+
+    root = workspace.resolve()
+    env_defaults.apply(root)
+    try:
+        report = do_reproduce(root, run_id, recompute=recompute, tracking=_tracking(root), worktree=worktree)
+    except ValueError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    print_reproduce_report(report)
+    raise typer.Exit(0 if report.matches else 1)
+
+
+@app.command()
+def compare(
+    run_ids: list[str] = typer.Argument(None, help="Parent run ids to compare."),
+    last: int = typer.Option(2, "--last", "-n", help="Without run ids: the newest N finished pipeline runs."),
+    workspace: Path = WORKSPACE,
+) -> None:
+    """Parameters that differ and key metrics of pipeline runs, read from MLflow."""
+    from flows import env_defaults
+    from flows.report import print_comparison
+    from tasks.compare import compare as do_compare
+    from tasks.compare import pipeline_runs
+
+    root = workspace.resolve()
+    env_defaults.apply(root)
+    runs = pipeline_runs(root, _tracking(root), run_ids=run_ids or None, last=last)
+    if len(runs) < 1:
+        typer.secho("no finished pipeline runs found (run `rlhf run` first)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    print_comparison(do_compare(runs))
+
+
 @data_app.command("inspect")
 def data_inspect(
     source: str = typer.Argument(..., help="File, folder, s3:// URI or hub name."),

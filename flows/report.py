@@ -45,3 +45,41 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
     console.print("  dvc metrics show                          # metrics/*.json of every stage")
     console.print("  dvc plots show                            # training curves -> dvc_plots/index.html")
     console.print(f"  DVC remote push: {result['push'] or 'nothing new'}")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_reproduce_report(report: Any, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"Reproduction of run {report.run_id} ({report.mode}, commit {report.commit[:12]})")
+    for col in ("metric", "logged", "reproduced", "status"):
+        table.add_column(col)
+    for c in report.checks:
+        colour = {"match": "green", "timing": "dim", "differs": "red", "missing": "yellow"}[c.status]
+        table.add_row(c.name, _fmt(c.logged), _fmt(c.reproduced), f"[{colour}]{c.status}[/{colour}]")
+    console.print(table)
+    console.print(f"outputs identical to the run's dvc.lock: {'yes' if report.outputs_match_lock else 'NO'}")
+    console.print(f"worktree: {report.worktree}")
+    console.print("[bold green]REPRODUCED[/bold green]" if report.matches else "[bold red]DOES NOT MATCH[/bold red]")
+
+
+def print_comparison(cmp: Any, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="Pipeline runs")
+    table.add_column("")
+    for name, rid in zip(cmp.names, cmp.run_ids):
+        table.add_column(f"{name}\n{rid[:8]}", justify="right")
+    if cmp.differing_params:
+        table.add_row("[bold]parameters that differ[/bold]", *[""] * len(cmp.run_ids))
+        for key, values in cmp.differing_params.items():
+            table.add_row(key, *(_fmt(v) for v in values))
+    else:
+        table.add_row("[dim]same parameters[/dim]", *[""] * len(cmp.run_ids))
+    table.add_row("[bold]metrics[/bold]", *[""] * len(cmp.run_ids))
+    for key, values in cmp.metrics.items():
+        table.add_row(key, *(_fmt(v) for v in values))
+    console.print(table)

@@ -1,0 +1,50 @@
+"""``rlhf compare``: the parameters that differ and the key metrics of pipeline runs, from MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KEY_METRICS = (
+    "evaluate/sft/gold_reward", "evaluate/ppo/gold_reward", "evaluate/dpo/gold_reward",
+    "evaluate/ppo/kl_per_token", "evaluate/dpo/kl_per_token",
+    "evaluate/ppo/win_rate_vs_sft/rm", "evaluate/dpo/win_rate_vs_sft/rm",
+    "reward/eval/accuracy", "dpo/eval/rewards/accuracies", "sft/eval/loss",
+)
+
+
+@dataclass
+class Comparison:
+    run_ids: list[str]
+    names: list[str]
+    differing_params: dict[str, list[str | None]]
+    metrics: dict[str, list[float | None]]
+
+
+def pipeline_runs(project_dir: Path, tracking: dict[str, Any] | None, *, run_ids: list[str] | None = None, last: int | None = None):
+    """The given parent runs, or the newest ``last`` finished parent runs of the experiment."""
+    from tasks.parent_run import _client
+
+    client, _ = _client(project_dir, tracking)
+    if run_ids:
+        return [client.get_run(r) for r in run_ids]
+    experiment = client.get_experiment_by_name((tracking or {}).get("experiment") or "rlhf-pipeline")
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id], filter_string="tags.pipeline = 'rlhf' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=last or 5,
+    )
+
+
+def compare(runs: list) -> Comparison:
+    ids = [r.info.run_id for r in runs]
+    all_params = sorted({k for r in runs for k in r.data.params})
+    differing = {
+        k: [r.data.params.get(k) for r in runs] for k in all_params
+        if len({r.data.params.get(k) for r in runs}) > 1
+    }
+    present = [m for m in KEY_METRICS if any(m in r.data.metrics for r in runs)]
+    metrics = {m: [r.data.metrics.get(m) for r in runs] for m in present}
+    return Comparison(ids, [r.info.run_name or r.info.run_id[:8] for r in runs], differing, metrics)

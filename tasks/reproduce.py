@@ -1,0 +1,145 @@
+"""Rebuild a past pipeline run from what its parent MLflow run logged, and check it matches.
+
+From the run: the git commit, ``params.yaml``, ``dvc.lock`` and ``metrics/*.json``. The commit
+is checked out in a separate git worktree (the user's workspace is untouched), the logged
+params and lock are put in place, and then either
+
+- (default) the outputs are pulled from the DVC remote and ``dvc status`` must be clean: every
+  output is byte-identical (by hash) to what the run produced; or
+- (``recompute=True``) every stage is recomputed from scratch with ``dvc repro --force``.
+
+Then each logged metric is compared with the rebuilt one. Timings are reported, not compared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks import dvc_ops
+
+TIMING_KEYS = ("seconds",)
+
+
+@dataclass
+class MetricCheck:
+    name: str
+    logged: float | None
+    reproduced: float | None
+    status: str  # "match" | "differs" | "missing" | "timing"
+
+
+@dataclass
+class ReproduceReport:
+    run_id: str
+    commit: str
+    worktree: Path
+    mode: str
+    outputs_match_lock: bool
+    checks: list[MetricCheck] = field(default_factory=list)
+
+    @property
+    def matches(self) -> bool:
+        return self.outputs_match_lock and all(c.status in ("match", "timing") for c in self.checks)
+
+
+def flatten_metrics(metrics_dir: Path) -> dict[str, float]:
+    """``metrics/<stage>.json`` files -> {``<stage>/<key>``: value} (numbers only)."""
+    out: dict[str, float] = {}
+    for path in sorted(metrics_dir.glob("*.json")):
+        for key, value in json.loads(path.read_text()).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{path.stem}/{key}"] = float(value)
+    return out
+
+
+def compare_metrics(logged: dict[str, float], reproduced: dict[str, float], *, rel_tol: float = 0.0) -> list[MetricCheck]:
+    checks = []
+    for name in sorted(set(logged) | set(reproduced)):
+        a, b = logged.get(name), reproduced.get(name)
+        if name.rsplit("/", 1)[-1].startswith(TIMING_KEYS):
+            status = "timing"
+        elif a is None or b is None:
+            status = "missing"
+        elif a == b or math.isclose(a, b, rel_tol=rel_tol, abs_tol=0.0):
+            status = "match"
+        else:
+            status = "differs"
+        checks.append(MetricCheck(name, a, b, status))
+    return checks
+
+
+def lock_out_hashes(lock: Path) -> dict[str, str]:
+    """{output path: md5} of the data/model outputs in a ``dvc.lock`` (metrics and plots excluded:
+    they carry timings and are compared metric by metric instead)."""
+    import yaml
+
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    dvc_yaml = lock.parent / "dvc.yaml"
+    declared = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.exists() else {}
+    hashes = {}
+    for name, entry in stages.items():
+        data_outs = {o if isinstance(o, str) else next(iter(o)) for o in declared.get(name, {}).get("outs", [])}
+        for out in entry.get("outs", []):
+            if out["path"] in data_outs and not out["path"].startswith(("reports/", "plots/")):
+                hashes[out["path"]] = out.get("md5", "")
+    return hashes
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, text=True, capture_output=True).stdout.strip()
+
+
+def _remote_url(workspace: Path) -> tuple[str, str] | None:
+    """The workspace's default DVC remote (name, URL), local paths made absolute."""
+    name = dvc_ops.dvc(workspace, "remote", "default", check=False).stdout.strip()
+    if not name:
+        return None
+    url = dvc_ops.dvc(workspace, "config", f"remote.{name}.url").stdout.strip()
+    if "://" not in url and not Path(url).is_absolute():
+        url = str((workspace / ".dvc" / url).resolve())
+    return name, url
+
+
+def reproduce(workspace: Path, run_id: str, *, recompute: bool = False, tracking: dict[str, Any] | None = None,
+              worktree: Path | None = None, echo=print) -> ReproduceReport:
+    from tasks.parent_run import download_run_record
+
+    workspace = workspace.resolve()
+    record_dir = Path(tempfile.mkdtemp(prefix="rlhf-record-"))
+    record = download_run_record(workspace, tracking, run_id, record_dir)
+    commit = record["commit"]
+    if not commit or commit == "unknown":
+        raise ValueError(f"run {run_id} has no git commit tag: it cannot be rebuilt")
+    worktree = worktree or Path(tempfile.mkdtemp(prefix=f"rlhf-reproduce-{run_id[:8]}-"))
+    if worktree.exists():
+        shutil.rmtree(worktree)
+    echo(f"[reproduce] checking out {commit[:12]} in {worktree}")
+    _git(workspace, "worktree", "add", "--detach", str(worktree), commit)
+    shutil.copy(record["params"], worktree / "params.yaml")
+    shutil.copy(record["lock"], worktree / "dvc.lock")
+    remote = _remote_url(workspace)
+    if remote is not None:  # the same remote, also when the repo's config names it by a relative path
+        dvc_ops.dvc(worktree, "remote", "modify", "--local", remote[0], "url", remote[1])
+    if recompute:
+        echo("[reproduce] recomputing every stage (dvc repro --force)")
+        # Stage runs of the rebuild are tracked in the worktree's own MLflow store, apart from the original.
+        env = {"RLHF_WORKSPACE": str(worktree), "MLFLOW_TRACKING_URI": f"sqlite:///{worktree / 'mlflow.db'}"}
+        for stage in dvc_ops.stage_order(worktree):
+            dvc_ops.repro_stage(worktree, stage, force=True, echo=echo, env=env)
+        outputs_match = lock_out_hashes(worktree / "dvc.lock") == lock_out_hashes(Path(record["lock"]))
+    else:
+        echo("[reproduce] pulling outputs from the DVC remote")
+        dvc_ops.dvc(worktree, "pull")
+        (worktree / "metrics").mkdir(exist_ok=True)
+        for path in record["metrics"]:
+            shutil.copy(path, worktree / "metrics" / Path(path).name)
+        outputs_match = dvc_ops.status_clean(worktree)
+    checks = compare_metrics(record["logged_metrics"], flatten_metrics(worktree / "metrics"))
+    return ReproduceReport(run_id, commit, worktree, "recompute" if recompute else "pull", outputs_match, checks)
