@@ -33,6 +33,8 @@ import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+pytest_plugins = ["tests.learning_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:

@@ -106,6 +106,7 @@ def training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
         remove_unused_columns=False,  # our collators need the tokenised columns as they are
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         **resolve_precision(cfg.precision),
     )
     kwargs.update(cfg.extra_args)
@@ -179,8 +180,11 @@ def run_training(trainer: Trainer, cfg: TrainConfig) -> dict[str, float]:
     if checkpoint:
         print(f"[rlhf] resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=checkpoint)
-    final = trainer.evaluate()
-    return {k: v for k, v in M.from_trainer_logs(final).items() if k.startswith(M.EVAL + "/")}
+    step = trainer.state.global_step
+    # The Trainer already evaluated at the last step when it falls on an eval step: reuse that.
+    done = [e for e in trainer.state.log_history if e.get("step") == step and "eval_loss" in e]
+    final = done[-1] if done else trainer.evaluate()
+    return {k: v for k, v in M.from_trainer_logs(final).items() if k.startswith(M.EVAL + "/") and k != "eval/step"}
 
 
 class WithScalarFields:

@@ -149,6 +149,7 @@ def train_dpo(
     cfg: DPOConfig,
     log_fn: LogFn | None = None,
     ref_model: PreTrainedModel | None = None,
+    callbacks: list | None = None,
     **trainer_kwargs: Any,
 ) -> TrainResult:
     """DPO-train ``model`` on normalised preference records; the reference is ``ref_model`` or ``model`` as given."""
@@ -175,7 +176,7 @@ def train_dpo(
         eval_dataset=eval_tok,
         data_collator=WithScalarFields(PreferenceCollator(tokenizer.pad_token_id), fields),
         processing_class=tokenizer,
-        callbacks=[LogFnCallback(log_fn)],
+        callbacks=[LogFnCallback(log_fn), *(callbacks or [])],
         **trainer_kwargs,
     )
     trainer.dpo = cfg

@@ -85,6 +85,7 @@ def train_reward_model(
     eval_data: datasets.Dataset,
     cfg: RewardConfig,
     log_fn: LogFn | None = None,
+    callbacks: list | None = None,
     **trainer_kwargs: Any,
 ) -> TrainResult:
     """Train a scalar-head model (``AutoModelForSequenceClassification``, 1 label) on preference pairs.
@@ -105,7 +106,7 @@ def train_reward_model(
             PreferenceCollator(tokenizer.pad_token_id), ["margin"] if "margin" in train_tok.column_names else []
         ),
         processing_class=tokenizer,
-        callbacks=[LogFnCallback(log_fn)],
+        callbacks=[LogFnCallback(log_fn), *(callbacks or [])],
         **trainer_kwargs,
     )
     trainer.center_rewards_coefficient = cfg.center_rewards_coefficient

@@ -83,6 +83,7 @@ def train_sft(
     eval_data: datasets.Dataset,
     cfg: SFTConfig,
     log_fn: LogFn | None = None,
+    callbacks: list | None = None,
     **trainer_kwargs: Any,
 ) -> TrainResult:
     """Fine-tune ``model`` on normalised SFT records (``prompt``, ``prompt_messages``, ``completion``).
@@ -101,7 +102,7 @@ def train_sft(
         eval_dataset=eval_tok,
         data_collator=SFTCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[LogFnCallback(log_fn)],
+        callbacks=[LogFnCallback(log_fn), *(callbacks or [])],
         **trainer_kwargs,
     )
     metrics = run_training(trainer, cfg)
