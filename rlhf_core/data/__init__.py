@@ -1,0 +1,69 @@
+"""The data layer: load raw records, normalise public formats, tokenise, collate.
+
+    load_records(source)                  -> datasets.Dataset of raw rows       (loading)
+    normalize(ds, kind, format="auto")    -> prompt/prompt_messages/...          (formats)
+    tokenize_sft / tokenize_preference / tokenize_prompts -> (ds, TokenizeStats) (tokenize)
+    SFTCollator / PreferenceCollator / PromptCollator -> padded tensors          (collate)
+
+Names are re-exported lazily (PEP 562): importing the package, or one submodule such as
+``formats``, does not import the others' dependencies (``transformers``, ``torch``).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "DataLoadError": "loading",
+    "SUPPORTED_SUFFIXES": "loading",
+    "load_records": "loading",
+    "DataFormatError": "formats",
+    "FORMATS_BY_KIND": "formats",
+    "SFT_FORMATS": "formats",
+    "PREFERENCE_FORMATS": "formats",
+    "PROMPT_FORMATS": "formats",
+    "detect_format": "formats",
+    "normalize": "formats",
+    "render_transcript": "formats",
+    "TruncationConfig": "tokenize",
+    "TokenizeStats": "tokenize",
+    "IGNORE_INDEX": "tokenize",
+    "tokenize_sft": "tokenize",
+    "tokenize_preference": "tokenize",
+    "tokenize_prompts": "tokenize",
+    "SFTCollator": "collate",
+    "PreferenceCollator": "collate",
+    "PromptCollator": "collate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from rlhf_core.data.collate import PreferenceCollator, PromptCollator, SFTCollator
+    from rlhf_core.data.formats import (
+        FORMATS_BY_KIND,
+        PREFERENCE_FORMATS,
+        PROMPT_FORMATS,
+        SFT_FORMATS,
+        DataFormatError,
+        detect_format,
+        normalize,
+        render_transcript,
+    )
+    from rlhf_core.data.loading import SUPPORTED_SUFFIXES, DataLoadError, load_records
+    from rlhf_core.data.tokenize import (
+        IGNORE_INDEX,
+        TokenizeStats,
+        TruncationConfig,
+        tokenize_preference,
+        tokenize_prompts,
+        tokenize_sft,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlhf_core.data' has no attribute {name!r}")
+    return getattr(import_module(f"rlhf_core.data.{module}"), name)

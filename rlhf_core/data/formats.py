@@ -1,0 +1,394 @@
+"""Normalise public dataset formats into three record shapes the pipeline uses.
+
+Normalised columns:
+
+* SFT:         ``prompt``, ``prompt_messages``, ``completion``
+* preference:  ``prompt``, ``prompt_messages``, ``chosen``, ``rejected``
+* prompt-only: ``prompt``, ``prompt_messages``
+
+``prompt_messages`` is the conversation before the final assistant reply, a list of
+``{"role": "system"|"user"|"assistant", "content": str}``. ``prompt`` is its plain-text
+rendering, used when a tokenizer has no chat template: the user text itself when the
+conversation is a single user message, else the HH-RLHF transcript
+``"<system>\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant:"``.
+Completions (``completion``, ``chosen``, ``rejected``) are stripped of surrounding whitespace.
+
+Each input format is a small adapter ``(row, index) -> normalised row`` with its rules;
+``detect_format`` picks one from the columns and first row, ``normalize`` applies it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import datasets
+
+Kind = Literal["sft", "preference", "prompt"]
+Message = dict[str, str]
+
+# Format names (public: params.yaml and callers use these strings).
+PROMPT_COMPLETION = "prompt_completion"
+ALPACA = "alpaca"
+MESSAGES = "messages"
+SHAREGPT = "sharegpt"
+PROMPT_CHOSEN_REJECTED = "prompt_chosen_rejected"
+HH_RLHF = "hh_rlhf"
+MESSAGES_PAIR = "messages_pair"
+SHAREGPT_DPO = "sharegpt_dpo"
+PROMPT = "prompt"
+
+SFT_FORMATS: tuple[str, ...] = (PROMPT_COMPLETION, ALPACA, MESSAGES, SHAREGPT)
+PREFERENCE_FORMATS: tuple[str, ...] = (PROMPT_CHOSEN_REJECTED, HH_RLHF, MESSAGES_PAIR, SHAREGPT_DPO)
+PROMPT_FORMATS: tuple[str, ...] = (PROMPT, *PREFERENCE_FORMATS, *SFT_FORMATS)
+FORMATS_BY_KIND: dict[str, tuple[str, ...]] = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS}
+
+OUTPUT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt", "prompt_messages", "completion"),
+    "preference": ("prompt", "prompt_messages", "chosen", "rejected"),
+    "prompt": ("prompt", "prompt_messages"),
+}
+
+HUMAN_TAG = "\n\nHuman:"
+ASSISTANT_TAG = "\n\nAssistant:"
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES: dict[str, str] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DataFormatError(ValueError):
+    """Records do not match the requested (or any accepted) format; names columns, row and rule."""
+
+
+class _RowError(Exception):
+    """A rule broken inside one row; ``normalize`` adds the row index and format name."""
+
+
+# ---------------------------------------------------------------- messages and transcripts
+
+
+def render_transcript(messages: Sequence[Mapping[str, str]]) -> str:
+    """Plain-text prompt: the user text for one user message, else the HH transcript ending in the assistant cue."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = "".join(
+        f"{HUMAN_TAG if m['role'] == 'user' else ASSISTANT_TAG} {m['content']}" for m in messages if m["role"] != "system"
+    )
+    return f"{system}{turns}{ASSISTANT_TAG}"
+
+
+def parse_hh_transcript(prompt: str) -> list[Message]:
+    """Turns of an HH prompt (``"\\n\\nHuman: a\\n\\nAssistant: b ... \\n\\nAssistant:"``), without the final cue."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # [head, tag, text, tag, text, ...]
+    if parts[0].strip():
+        raise _RowError(f"text before the first {HUMAN_TAG!r}: {parts[0][:60]!r}")
+    messages = [
+        {"role": "user" if tag == "Human" else "assistant", "content": text.strip()}
+        for tag, text in zip(parts[1::2], parts[2::2])
+    ]
+    messages.pop()  # the empty assistant turn the prompt ends with
+    if not messages:
+        raise _RowError(f"no {HUMAN_TAG!r} turn before the final {ASSISTANT_TAG!r}")
+    return messages
+
+
+def _text(row: Mapping[str, Any], column: str) -> str:
+    value = row.get(column)
+    if not isinstance(value, str):
+        raise _RowError(f"column {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: Any, where: str) -> list[Message]:
+    """Validated role/content messages (extra keys dropped)."""
+    if not isinstance(value, list) or not value:
+        raise _RowError(f"{where} must be a non-empty list of role/content messages")
+    out = []
+    for i, message in enumerate(value):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if role not in ROLES:
+            raise _RowError(f"{where}[{i}] role must be one of {ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise _RowError(f"{where}[{i}] content must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _sharegpt_turn(turn: Any, where: str) -> Message:
+    sender = turn.get("from") if isinstance(turn, Mapping) else None
+    value = turn.get("value") if isinstance(turn, Mapping) else None
+    if sender not in SHAREGPT_ROLES:
+        raise _RowError(f"{where} 'from' must be one of {tuple(SHAREGPT_ROLES)}, got {sender!r}")
+    if not isinstance(value, str):
+        raise _RowError(f"{where} 'value' must be a string, got {type(value).__name__}")
+    return {"role": SHAREGPT_ROLES[sender], "content": value}
+
+
+def _sharegpt_messages(row: Mapping[str, Any]) -> list[Message]:
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _RowError("'conversations' must be a non-empty list of {from, value} turns")
+    messages = [_sharegpt_turn(t, f"conversations[{i}]") for i, t in enumerate(turns)]
+    return _with_system(row, messages)
+
+
+def _with_system(row: Mapping[str, Any], messages: list[Message]) -> list[Message]:
+    """Prepend the optional ``system`` column (ignored when empty or null)."""
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise _RowError(f"column 'system' must be a string, got {type(system).__name__}")
+    return [{"role": "system", "content": system}, *messages] if system and system.strip() else messages
+
+
+def _split_reply(messages: list[Message], where: str) -> tuple[list[Message], str]:
+    """(conversation before the final assistant reply, that reply)."""
+    if messages[-1]["role"] != "assistant":
+        raise _RowError(f"{where} must end with an assistant message, got {messages[-1]['role']!r}")
+    if len(messages) < 2:
+        raise _RowError(f"{where} has no message before the final assistant reply")
+    return messages[:-1], messages[-1]["content"]
+
+
+def _prompt_fields(prompt_messages: list[Message]) -> dict[str, Any]:
+    return {"prompt": render_transcript(prompt_messages), "prompt_messages": prompt_messages}
+
+
+# ---------------------------------------------------------------- adapters: row -> normalised row
+
+
+def _prompt_completion(row: Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(row.get("prompt"), list):  # TRL's conversational prompt-completion: two message lists
+        messages = _messages(row["prompt"], "'prompt'") + _messages(row.get("completion"), "'completion'")
+        prompt_messages, reply = _split_reply(messages, "'prompt' + 'completion'")
+        return {**_prompt_fields(prompt_messages), "completion": reply.strip()}
+    return {**_prompt_fields([{"role": "user", "content": _text(row, "prompt")}]), "completion": _text(row, "completion").strip()}
+
+
+def _alpaca(row: Mapping[str, Any]) -> dict[str, Any]:
+    instruction, extra = _text(row, "instruction"), row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise _RowError(f"column 'input' must be a string, got {type(extra).__name__}")
+    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    history: list[Message] = []
+    for i, pair in enumerate(row.get("history") or []):  # LLaMA-Factory's optional [[query, response], ...]
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise _RowError(f"history[{i}] must be a [query, response] pair of strings")
+        history += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages = _with_system(row, [*history, {"role": "user", "content": user}])
+    return {**_prompt_fields(messages), "completion": _text(row, "output").strip()}
+
+
+def _messages_sft(row: Mapping[str, Any]) -> dict[str, Any]:
+    prompt_messages, reply = _split_reply(_messages(row.get("messages"), "'messages'"), "'messages'")
+    return {**_prompt_fields(prompt_messages), "completion": reply.strip()}
+
+
+def _sharegpt(row: Mapping[str, Any]) -> dict[str, Any]:
+    prompt_messages, reply = _split_reply(_sharegpt_messages(row), "'conversations'")
+    return {**_prompt_fields(prompt_messages), "completion": reply.strip()}
+
+
+def _prompt_chosen_rejected(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        **_prompt_fields([{"role": "user", "content": _text(row, "prompt")}]),
+        "chosen": _text(row, "chosen").strip(),
+        "rejected": _text(row, "rejected").strip(),
+    }
+
+
+def _hh_rlhf(row: Mapping[str, Any]) -> dict[str, Any]:
+    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if ASSISTANT_TAG not in text:
+            raise _RowError(f"{name!r} transcript has no {ASSISTANT_TAG!r} turn")
+    # The prompt is the shared prefix cut after its last assistant cue: in a few real rows a
+    # reply itself contains "\n\nAssistant:", so the last cue of each transcript would disagree.
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(ASSISTANT_TAG)
+    if cut < 0:
+        raise _RowError(f"'chosen' and 'rejected' do not share a prefix ending in {ASSISTANT_TAG!r}")
+    prompt = shared[: cut + len(ASSISTANT_TAG)]
+    return {
+        "prompt": prompt,
+        "prompt_messages": parse_hh_transcript(prompt),
+        "chosen": chosen[len(prompt):].strip(),
+        "rejected": rejected[len(prompt):].strip(),
+    }
+
+
+def _messages_pair(row: Mapping[str, Any]) -> dict[str, Any]:
+    prefix = _messages(row["prompt"], "'prompt'") if row.get("prompt") is not None else []
+    chosen = prefix + _messages(row.get("chosen"), "'chosen'")
+    rejected = prefix + _messages(row.get("rejected"), "'rejected'")
+    chosen_prompt, chosen_reply = _split_reply(chosen, "'chosen'")
+    rejected_prompt, rejected_reply = _split_reply(rejected, "'rejected'")
+    if chosen_prompt != rejected_prompt:
+        raise _RowError("'chosen' and 'rejected' must share every message but the last assistant reply")
+    return {**_prompt_fields(chosen_prompt), "chosen": chosen_reply.strip(), "rejected": rejected_reply.strip()}
+
+
+def _sharegpt_dpo(row: Mapping[str, Any]) -> dict[str, Any]:
+    prompt_messages = _sharegpt_messages(row)
+    if prompt_messages[-1]["role"] != "user":
+        raise _RowError(f"'conversations' must end with a human turn, got {prompt_messages[-1]['role']!r}")
+    replies = {}
+    for name in ("chosen", "rejected"):
+        turn = _sharegpt_turn(row.get(name), repr(name))
+        if turn["role"] != "assistant":
+            raise _RowError(f"{name!r} must be a gpt turn, got {turn['role']!r}")
+        replies[name] = turn["content"].strip()
+    return {**_prompt_fields(prompt_messages), **replies}
+
+
+def _prompt_only(row: Mapping[str, Any]) -> dict[str, Any]:
+    value = row.get("prompt")
+    if isinstance(value, str):
+        return _prompt_fields([{"role": "user", "content": value}])
+    messages = _messages(value, "'prompt'")
+    if messages[-1]["role"] != "user":
+        raise _RowError(f"a 'prompt' conversation must end with a user message, got {messages[-1]['role']!r}")
+    return _prompt_fields(messages)
+
+
+# ---------------------------------------------------------------- registry and detection
+
+
+def _all(test: Callable[[Any], bool], *columns: str) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda row: all(test(row[c]) for c in columns)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_hh(row: Mapping[str, Any]) -> bool:
+    return "prompt" not in row and _is_str(row["chosen"]) and HUMAN_TAG in row["chosen"]
+
+
+@dataclass(frozen=True)
+class _Format:
+    adapter: Callable[[Mapping[str, Any]], dict[str, Any]]
+    required: tuple[str, ...]
+    """Columns the format needs (shown in errors)."""
+    matches: Callable[[Mapping[str, Any]], bool]
+    """Does a first row that has the required columns look like this format (value types)?"""
+    optional: tuple[str, ...] = ()
+
+
+_FORMATS: dict[str, _Format] = {
+    PROMPT_COMPLETION: _Format(
+        _prompt_completion,
+        ("prompt", "completion"),
+        lambda r: _all(_is_str, "prompt", "completion")(r) or _all(_is_list, "prompt", "completion")(r),
+    ),
+    ALPACA: _Format(_alpaca, ("instruction", "output"), _all(_is_str, "instruction"), ("input", "system", "history")),
+    MESSAGES: _Format(_messages_sft, ("messages",), _all(_is_list, "messages")),
+    SHAREGPT: _Format(_sharegpt, ("conversations",), _all(_is_list, "conversations"), ("system",)),
+    PROMPT_CHOSEN_REJECTED: _Format(
+        _prompt_chosen_rejected, ("prompt", "chosen", "rejected"), _all(_is_str, "prompt", "chosen", "rejected")
+    ),
+    HH_RLHF: _Format(_hh_rlhf, ("chosen", "rejected"), _is_hh),
+    MESSAGES_PAIR: _Format(_messages_pair, ("chosen", "rejected"), _all(_is_list, "chosen", "rejected"), ("prompt",)),
+    SHAREGPT_DPO: _Format(
+        _sharegpt_dpo, ("conversations", "chosen", "rejected"), _all(_is_list, "conversations"), ("system",)
+    ),
+    PROMPT: _Format(_prompt_only, ("prompt",), lambda r: _is_str(r["prompt"]) or _is_list(r["prompt"])),
+}
+
+# Detection order: most specific first (sharegpt_dpo before sharegpt, a plain prompt first for prompts).
+_DETECTION_ORDER: dict[str, tuple[str, ...]] = {
+    "sft": (MESSAGES, SHAREGPT, ALPACA, PROMPT_COMPLETION),
+    "preference": (SHAREGPT_DPO, MESSAGES_PAIR, PROMPT_CHOSEN_REJECTED, HH_RLHF),
+    "prompt": (PROMPT, SHAREGPT_DPO, MESSAGES_PAIR, HH_RLHF, MESSAGES, SHAREGPT, ALPACA),
+}
+
+
+def _describe(kind: str) -> str:
+    parts = []
+    for name in FORMATS_BY_KIND[kind]:
+        spec = _FORMATS[name]
+        cols = ", ".join(spec.required) + "".join(f"[, {c}]" for c in spec.optional)
+        parts.append(f"{name} ({cols})")
+    return "; ".join(parts)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in FORMATS_BY_KIND:
+        raise ValueError(f"kind must be one of {tuple(FORMATS_BY_KIND)}, got {kind!r}")
+
+
+def detect_format(data: datasets.Dataset | tuple[Sequence[str], Mapping[str, Any]], kind: Kind) -> str:
+    """The format name of ``data`` for ``kind``, from its column names and first row.
+
+    Args:
+        data: a dataset, or ``(column_names, first_row)``.
+        kind: ``"sft"``, ``"preference"`` or ``"prompt"``.
+
+    Raises:
+        DataFormatError: no accepted format matches; the message lists the columns found and
+            the formats (with their columns) accepted for ``kind``.
+    """
+    _check_kind(kind)
+    if isinstance(data, datasets.Dataset):
+        if len(data) == 0:
+            raise DataFormatError("the dataset has no rows, so its format cannot be detected")
+        columns, first = list(data.column_names), data[0]
+    else:
+        columns, first = list(data[0]), data[1]
+    for name in _DETECTION_ORDER[kind]:
+        spec = _FORMATS[name]
+        if all(c in columns for c in spec.required) and spec.matches(first):
+            return name
+    types = ", ".join(f"{c}: {type(first.get(c)).__name__}" for c in columns)
+    raise DataFormatError(
+        f"cannot recognise {kind} data with columns {columns} (first row types: {types}). "
+        f"Accepted {kind} formats: {_describe(kind)}. Rename the columns, or pass the format explicitly."
+    )
+
+
+def normalize(dataset: datasets.Dataset, kind: Kind, format: str = "auto") -> datasets.Dataset:  # noqa: A002
+    """Records of ``dataset`` in the normalised ``kind`` shape (only those columns, same row order).
+
+    Args:
+        dataset: raw records (e.g. from ``load_records``).
+        kind: ``"sft"``, ``"preference"`` or ``"prompt"``.
+        format: a format name accepted for ``kind`` (see ``FORMATS_BY_KIND``), or ``"auto"``.
+
+    Raises:
+        DataFormatError: unknown/unaccepted format, missing columns, or a row that breaks a
+            format rule (the message names the row index and the rule).
+    """
+    _check_kind(kind)
+    name = detect_format(dataset, kind) if format == "auto" else format
+    if name not in FORMATS_BY_KIND[kind]:
+        raise DataFormatError(f"format {name!r} is not accepted for {kind} data. Accepted {kind} formats: {_describe(kind)}")
+    spec = _FORMATS[name]
+    missing = [c for c in spec.required if c not in dataset.column_names]
+    if missing:
+        raise DataFormatError(f"format {name!r} needs columns {list(spec.required)}; missing {missing}; found {dataset.column_names}")
+    keep = OUTPUT_COLUMNS[kind]
+
+    def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            record = spec.adapter(row)
+        except _RowError as err:
+            raise DataFormatError(f"row {index} ({name} format): {err}") from None
+        return {column: record[column] for column in keep}
+
+    return dataset.map(
+        convert, with_indices=True, remove_columns=dataset.column_names, features=_features(kind), desc=f"normalise {name}"
+    )
+
+
+def _features(kind: str) -> datasets.Features:
+    message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    types = {"prompt": datasets.Value("string"), "prompt_messages": datasets.List(message)}
+    types.update({c: datasets.Value("string") for c in ("completion", "chosen", "rejected")})
+    return datasets.Features({c: types[c] for c in OUTPUT_COLUMNS[kind]})

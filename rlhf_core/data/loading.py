@@ -1,0 +1,222 @@
+"""Load raw records from a local file or folder, an object store URI, or a hub dataset.
+
+Every source becomes one ``datasets.Dataset`` of raw rows (no format logic here; see
+``rlhf_core.data.formats`` for that). Parsing goes through ``datasets``' packaged
+``json``/``parquet`` builders; when a builder fails, the file is re-read by hand only to say
+*where* it is broken. Objects behind a URI (``s3://``, any fsspec protocol) are first copied
+to a temporary folder with fsspec: ``datasets`` refuses every remote URL in offline mode
+(``HF_DATASETS_OFFLINE``), which is how machines without hub access run, yet an object
+store may well be reachable there.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+import datasets
+
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
+"""File endings ``load_records`` reads (longest first, so ``.jsonl.gz`` wins over ``.gz``)."""
+
+_PATH_HINT_SUFFIXES = (".gz", ".csv", ".tsv", ".txt", ".arrow", ".zip", ".bz2", ".xz", ".zst", ".yaml", ".yml")
+
+
+class DataLoadError(ValueError):
+    """A data source could not be read; the message names the source and the reason."""
+
+
+def load_records(
+    source: str | Path, *, split: str = "train", storage_options: dict[str, Any] | None = None
+) -> datasets.Dataset:
+    """Read every record of ``source`` into one ``datasets.Dataset``.
+
+    Args:
+        source: a local ``.json`` (JSON array or JSON lines), ``.jsonl``, ``.jsonl.gz``,
+            ``.json.gz`` or ``.parquet`` file; a local folder (its supported files, sorted,
+            not recursive); a URI such as ``s3://bucket/key.jsonl`` or ``s3://bucket/prefix/``
+            (fsspec; credentials and endpoint come from ``storage_options`` or the environment);
+            or else a hub dataset name (``datasets.load_dataset(name, split=split)``).
+        split: the split of a hub dataset. Files and folders are read whole.
+        storage_options: fsspec options for URIs (for s3fs e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
+
+    Raises:
+        DataLoadError: missing file, unsupported extension, malformed JSON (with the line),
+            empty file, or a hub dataset that cannot be loaded.
+    """
+    text = str(source)
+    if "://" in text:
+        return _load_remote(text, storage_options or {})
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _load_files(_folder_files(path), label=str(path))
+    if path.is_file():
+        _check_local_file(path)
+        return _load_files([str(path)], label=str(path))
+    if _looks_like_path(text):
+        raise DataLoadError(f"{text}: no such file or folder")
+    return _load_hub(text, split)
+
+
+def _data_suffix(name: str) -> str | None:
+    lowered = name.lower()
+    return next((s for s in SUPPORTED_SUFFIXES if lowered.endswith(s)), None)
+
+
+def _builder(suffix: str) -> str:
+    return "parquet" if suffix == ".parquet" else "json"
+
+
+def _looks_like_path(text: str) -> bool:
+    """True for strings a user meant as a local path (so a typo is not sent to the hub)."""
+    if text.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(text):
+        return True
+    return _data_suffix(text) is not None or text.lower().endswith(_PATH_HINT_SUFFIXES)
+
+
+def _unsupported(name: str) -> DataLoadError:
+    return DataLoadError(f"{name}: unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+def _folder_files(folder: Path) -> list[str]:
+    entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = [p for p in entries if _data_suffix(p.name)]
+    if not files:
+        found = ", ".join(p.name for p in entries) or "nothing"
+        raise DataLoadError(
+            f"{folder}: no supported data files in this folder (supported: {', '.join(SUPPORTED_SUFFIXES)}; found: {found})"
+        )
+    for file in files:
+        _check_local_file(file)
+    return [str(p) for p in files]
+
+
+def _remote_objects(uri: str, storage_options: dict[str, Any]) -> tuple[Any, list[str]]:
+    """(fsspec filesystem, the data objects a URI names: the object itself, or the supported ones under a prefix)."""
+    import fsspec  # a dependency of datasets; a protocol's own package (s3fs for s3) is imported by fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        if _data_suffix(uri):
+            if not fs.exists(path):
+                raise DataLoadError(f"{uri}: no such object")
+            return fs, [path]
+        if not fs.isdir(path):
+            raise DataLoadError(
+                f"{uri}: no such object or prefix, or an unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+            )
+        objects = sorted(p for p in fs.ls(path, detail=False) if _data_suffix(p))
+    except DataLoadError:
+        raise
+    except (ImportError, ValueError) as err:  # unknown protocol, or its package is missing
+        raise DataLoadError(f"{uri}: cannot open this URI: {err}") from err
+    except OSError as err:  # permissions, unreachable endpoint, bad credentials
+        raise DataLoadError(f"{uri}: cannot list or read: {err}") from err
+    if not objects:
+        raise DataLoadError(f"{uri}: no supported data files under this prefix (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+    return fs, objects
+
+
+def _load_remote(uri: str, storage_options: dict[str, Any]) -> datasets.Dataset:
+    """Copy the objects to a temporary folder, then load them like local files (errors name the objects)."""
+    fs, objects = _remote_objects(uri, storage_options)
+    with tempfile.TemporaryDirectory(prefix="rlhf-data-") as tmp:
+        shown: dict[str, str] = {}
+        for i, obj in enumerate(objects):
+            local = Path(tmp) / f"{i:05d}-{Path(obj).name}"  # index prefix keeps the listing order
+            try:
+                fs.get(obj, str(local))
+            except OSError as err:
+                raise DataLoadError(f"{fs.unstrip_protocol(obj)}: cannot download: {err}") from err
+            shown[str(local)] = fs.unstrip_protocol(obj)
+            _check_local_file(local, shown[str(local)])
+        # The returned dataset lives in datasets' Arrow cache, so the copies can go.
+        return _load_files(list(shown), label=uri, shown=shown)
+
+
+def _open_text(path: Path) -> IO[str]:
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _check_local_file(path: Path, shown: str | None = None) -> None:
+    """Reject unsupported and empty files before ``datasets`` turns them into opaque errors."""
+    shown = shown or str(path)
+    if _data_suffix(path.name) is None:
+        raise _unsupported(shown)
+    if path.stat().st_size == 0:
+        raise DataLoadError(f"{shown}: empty file")
+    if path.suffix.lower() != ".parquet":
+        try:
+            with _open_text(path) as handle:
+                blank = not handle.read(4096).strip() and not handle.read(1 << 20).strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataLoadError(f"{shown}: cannot read as UTF-8 text: {err}") from err
+        if blank:
+            raise DataLoadError(f"{shown}: empty file (only whitespace)")
+
+
+def _load_files(files: list[str], *, label: str, shown: dict[str, str] | None = None) -> datasets.Dataset:
+    """Local files -> one dataset; ``shown`` maps a temporary copy to the name users know."""
+    builders = {_builder(_data_suffix(f) or "") for f in files}
+    if len(builders) > 1:
+        raise DataLoadError(f"{label}: mixes JSON and Parquet files; keep one kind per folder")
+    try:
+        ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+    except Exception as err:  # noqa: BLE001 -- datasets wraps parser errors in many types; re-raise with a location
+        raise _explain_failure(files, label, err, shown or {}) from err
+    if len(ds) == 0:
+        raise DataLoadError(f"{label}: no records")
+    return ds
+
+
+def _explain_failure(files: list[str], label: str, err: Exception, shown: dict[str, str]) -> DataLoadError:
+    """Find the broken file and line (JSON files); else pass on the library's reason."""
+    for name in files:
+        if _builder(_data_suffix(name) or "") == "json":
+            problem = _json_problem(Path(name))
+            if problem:
+                return DataLoadError(f"{shown.get(name, name)}: {problem}")
+    cause = err.__cause__ or err
+    return DataLoadError(f"{label}: cannot load records: {type(cause).__name__}: {cause}")
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON / JSON-lines file breaks the format, or None if it parses."""
+    try:
+        with _open_text(path) as handle:
+            text = handle.read()
+    except UnicodeDecodeError as err:
+        return f"not UTF-8 text: {err}"
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        if not records:
+            return "no records (an empty JSON array)"
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        return None if bad is None else f"element {bad} of the JSON array is not an object"
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"malformed JSON at line {lineno}, column {err.colno}: {err.msg}"
+        if not isinstance(record, dict):
+            return f"line {lineno} is not a JSON object"
+    return None
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # noqa: BLE001 -- offline, missing, gated: all mean "cannot load this name"
+        raise DataLoadError(
+            f"{name!r} is not a local file or folder, and loading it as a hub dataset (split {split!r}) failed: "
+            f"{type(err).__name__}: {err}"
+        ) from err
