@@ -64,6 +64,9 @@ def stage_main(stage: str, run: StageFn) -> None:
     from rlhf_core.data.loading import DataLoadError
     from tasks.tracking import stage_run
 
+    import datasets
+
+    datasets.disable_progress_bars()  # per-map bars drown the training log in Prefect/CI output
     ws = Workspace.here()
     started = time.perf_counter()
     try:

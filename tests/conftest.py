@@ -33,7 +33,7 @@ import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-pytest_plugins = ["tests.learning_fixtures"]
+pytest_plugins = ["tests.learning_fixtures", "tests.servers"]
 
 
 @pytest.fixture(scope="session")

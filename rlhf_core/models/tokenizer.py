@@ -1,0 +1,128 @@
+"""Tokenizers: a byte-level BPE trained from scratch, or a pretrained one loaded with a pad token.
+
+The from-scratch tokenizer is what the tiny embedded-default model uses. Its special tokens:
+
+- ``<|pad|>``, ``<|bos|>``, ``<|eos|>``: set as the wrapper's pad/bos/eos tokens;
+- ``<|system|>``, ``<|user|>``, ``<|assistant|>``: role markers of the chat template.
+
+No unknown token is needed: byte-level BPE can spell any UTF-8 text from its 256 byte symbols.
+``encode`` adds no bos/eos by itself; the data code decides where they go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, ROLE_TOKENS["user"], ROLE_TOKENS["assistant"], ROLE_TOKENS["system"]]
+
+# Each message renders as "<|role|>content\n"; add_generation_prompt appends "<|assistant|>".
+# The role tokens are written as literals (not built as '<|' + role + '|>') so transformers can
+# recognise them as the template's control tokens, and an unknown role fails loudly.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ '<|system|>' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '<|user|>' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>' }}"
+    "{%- else -%}{{ raise_exception('chat template: unknown role ' ~ message['role'] ~ "
+    "'; expected system, user or assistant') }}"
+    "{%- endif -%}"
+    "{{ message['content'] ~ '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"
+)
+
+
+def train_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = 512, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (``tokenizers`` library) on ``texts``.
+
+    Args:
+        texts: training texts; any iterable (a generator is consumed once).
+        vocab_size: upper bound on the vocabulary, special tokens and the 256 byte symbols included.
+            The result can be smaller when the texts have too few frequent pairs to merge.
+        min_frequency: a pair is merged only if it occurs at least this often.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with pad/bos/eos set, right padding and :data:`CHAT_TEMPLATE`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    min_vocab = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < min_vocab:
+        raise ValueError(
+            f"vocab_size must be >= {min_vocab} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
+        )
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+
+    backend = Tokenizer(models.BPE())
+    # add_prefix_space=False: a text's first word is encoded as written, so decode(encode(t)) == t.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,  # ids 0..5 in this order: pad=0, bos=1, eos=2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        additional_special_tokens=list(ROLE_TOKENS.values()),
+        padding_side="right",
+        clean_up_tokenization_spaces=False,  # clean-up would turn " ." into "." and break round trips
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer with ``AutoTokenizer``, making sure it has a pad token.
+
+    ``trust_remote_code`` stays ``False`` unless the caller sets it: custom tokenizer code in a
+    checkpoint is not executed by default.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an eos token; set one before training")
+        # Many causal LMs (GPT-2, Llama) ship without a pad token. Reusing eos adds no new embedding
+        # row, and is safe because this project marks padding with attention masks, never by
+        # comparing ids with pad_token_id (which would also hide real eos tokens).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's chat template, as a plain list.
+
+    In transformers 5, ``apply_chat_template(..., tokenize=True)`` returns a ``BatchEncoding``
+    (``return_dict=True`` is the default); older versions returned the id list. Asking for the
+    dict explicitly and taking ``input_ids`` gives the same answer in both.
+    """
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no chat_template; train one with train_tokenizer or set it")
+    encoded = tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+    )
+    return [int(i) for i in encoded["input_ids"]]

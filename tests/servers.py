@@ -1,0 +1,121 @@
+"""Real servers on 127.0.0.1 for tests: an ``mlflow server`` and a moto S3 endpoint.
+
+Session-scoped pytest fixtures (register with ``pytest_plugins = ["tests.servers"]``):
+
+- ``mlflow_server`` -> ``"http://127.0.0.1:PORT"``: ``mlflow server`` in a subprocess, SQLite
+  backend and proxied artifacts in a temporary directory, job execution off (0.5 GB instead of
+  1.8 GB). Started once per session (~7 s here), killed (its whole process group) at the end.
+- ``s3_server`` -> ``"http://127.0.0.1:PORT"``: moto's S3 in a thread, with fake ``AWS_*``
+  credentials in the environment for the session.
+
+Nothing starts at import time; a server starts when a test first asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 60.0  # generous: 2 shared cores; usually up in 6-12 s
+STOP_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, *, timeout_s: float, alive: Callable[[], bool] = lambda: True, log: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200, ``alive()`` turns false, or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+    reason = "exited" if not alive() else f"did not answer within {timeout_s:.0f}s"
+    raise RuntimeError(f"server at {url} {reason}; log tail:\n{tail}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (mlflow starts uvicorn as a child), SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=STOP_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Tracking URI of a real ``mlflow server`` (SQLite + local artifacts) for the session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = root / "server.log"
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+    ]
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", timeout_s=START_TIMEOUT_S, alive=lambda: process.poll() is None, log=log)
+        yield uri
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL of moto's S3 on 127.0.0.1, with fake AWS credentials set for the session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            env.setenv(key, value)
+        for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_SECURITY_TOKEN"):
+            env.delenv(key, raising=False)
+        try:
+            wait_for_http(f"{endpoint}/moto-api/", timeout_s=START_TIMEOUT_S)
+            yield endpoint
+        finally:
+            server.stop()
