@@ -111,15 +111,14 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
 def register_final_policy(params: dict[str, Any], ws: Workspace, tracker: Any, policy: str, tokenizer) -> None:
     """Register the final policy with lineage tags (git commit, data digest, params hash)."""
     from rlhf_core.models import load_causal_lm
-    from tasks.tracking import git_info, params_hash, register_model
-    from tasks.workspace_hash import directory_digest
+    from tasks.tracking import dvc_md5, git_info, params_hash, register_model
 
     git = git_info(ws.root)
     tags = {
         "policy": policy,
         "git.commit": str(git.get("commit")),
         "git.dirty": str(git.get("dirty")),
-        "data.digest": directory_digest(ws.prepared),
+        "data.digest": dvc_md5(ws.prepared),
         "params.hash": params_hash(params),
     }
     model = load_causal_lm(str(ws.model(policy)))

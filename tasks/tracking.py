@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "RLHF_PARENT_RUN_ID"
+RECORD_DIR = "pipeline"  # artifact folder of a parent run: params.yaml, dvc.lock, metrics/
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_EXPERIMENT = "rlhf-pipeline"
 UNKNOWN = "unknown"
@@ -473,7 +474,10 @@ def log_parent_summary(
     tags = [RunTag(k, str(v)) for k, v in extra_tags.items()]
     for start in range(0, len(tags), PARAMS_PER_BATCH):
         client.log_batch(run_id, tags=tags[start:start + PARAMS_PER_BATCH])
+    # The run's record, what `rlhf reproduce` rebuilds from: pipeline/{params.yaml,dvc.lock,metrics/*.json}.
     for path in (Path(params_file), Path(lock_file)):
         if path.is_file():
-            client.log_artifact(run_id, str(path))
+            client.log_artifact(run_id, str(path), RECORD_DIR)
+    for path in sorted(Path(metrics_dir).glob("*.json")):
+        client.log_artifact(run_id, str(path), f"{RECORD_DIR}/metrics")
     return metrics
