@@ -42,9 +42,8 @@ def base_causal_lm(params: dict[str, Any], tokenizer, seed: int):
 class CurveRecorder:
     """Wraps a ``log_fn``: forwards to MLflow and keeps the curves for ``plots/<stage>/``."""
 
-    def __init__(self, forward: Callable[[dict[str, float], int], None] | None, stage: str = "") -> None:
+    def __init__(self, forward: Callable[[dict[str, float], int], None] | None) -> None:
         self.forward = forward
-        self.stage = stage
         self.rows: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
@@ -53,9 +52,6 @@ class CurveRecorder:
             self.rows[split][step][name] = value
         if self.forward is not None:
             self.forward(metrics, step)
-        # One plain line per log: visible in Prefect's logs and CI output, where progress bars are not.
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
-        print(f"[{self.stage}] step {step}: {shown}", flush=True)
 
     def write(self, out_dir: Path) -> list[Path]:
         """One CSV per split (``train.csv``, ``eval.csv``): a ``step`` column and one per metric."""
@@ -135,7 +131,7 @@ def run_training_stage(
     started = time.perf_counter()
     tokenizer = load_tokenizer(ws)
     model = make_model(tokenizer, cfg)
-    curves = CurveRecorder(log_fn_of(tracker), stage)
+    curves = CurveRecorder(log_fn_of(tracker))
     result = train_fn(model, tokenizer, load_split(ws, train_split), load_split(ws, eval_split), cfg, log_fn=curves)
     save_model_atomically(result.model, tokenizer, ws.model(stage))
     curves.write(ws.plots(stage))

@@ -1,0 +1,81 @@
+"""Stage ``ppo``: PPO of the SFT policy against the reward model (Ziegler et al. 2019 / Ouyang et al. 2022).
+
+The policy and the frozen reference are the SFT model; the value model starts from the reward
+model. With ``ppo.reward_fn: gold`` (synthetic task only) the gold reward is optimised beside
+(``reward_model_weight`` > 0) or instead of the learned one. On the synthetic task the gold
+reward is always monitored, so over-optimisation of the proxy shows in the curves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from typing import Any
+
+from tasks.params import ParamsError, group, typed
+from tasks.workspace import Workspace, write_json
+
+STAGE = "ppo"
+STAGE_KEYS = ("reward_fn",)  # read by this stage; the rest of the group is rlhf_core's PPOConfig
+
+
+def _prompts(ds):
+    """Distinct prompts, in first-seen order (preference data repeats prompts)."""
+    seen: set[str] = set()
+    keep = [i for i, p in enumerate(ds["prompt"]) if not (p in seen or seen.add(p))]
+    return ds.select(keep).select_columns(["prompt", "prompt_messages"])
+
+
+def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
+    from rlhf_core.models import load_causal_lm, load_reward_model
+    from rlhf_core.trainers.ppo import PPOConfig, train_ppo
+    from tasks.evaluate import gold_reward_fn
+    from tasks.training_io import CurveRecorder, checkpoint_dir, load_split, load_tokenizer, log_fn_of, save_model_atomically
+
+    options = group(params, STAGE)
+    reward_fn_name = options.get("reward_fn")
+    inputs = [ws.split("pref_train"), ws.split("prompts"), ws.model("sft"), ws.model("reward")]
+    ckpt = checkpoint_dir(ws, STAGE, params, inputs)
+    cfg = typed({STAGE: {k: v for k, v in options.items() if k not in STAGE_KEYS}}, STAGE, PPOConfig, output_dir=str(ckpt))
+    gold = gold_reward_fn(ws)
+    if reward_fn_name not in (None, "gold"):
+        raise ParamsError(f"params.yaml: ppo.reward_fn must be null or 'gold', got {reward_fn_name!r}")
+    if reward_fn_name == "gold" and gold is None:
+        raise ParamsError("params.yaml: ppo.reward_fn 'gold' needs the synthetic task (prepare.*_data null)")
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(ws)
+    policy = load_causal_lm(str(ws.model("sft")))
+    reference = load_causal_lm(str(ws.model("sft")))
+    reward_model = load_reward_model(str(ws.model("reward")))
+    value_model = load_reward_model(str(ws.model("reward")))  # value head initialised from the RM
+    curves = CurveRecorder(log_fn_of(tracker))
+    samples: list[dict[str, Any]] = []
+    result = train_ppo(
+        policy, reference, reward_model, tokenizer, _prompts(load_split(ws, "pref_train")), load_split(ws, "prompts"), cfg,
+        value_model=value_model, reward_fn=gold if reward_fn_name == "gold" else None, monitor_fn=gold,
+        log_fn=curves, samples_fn=lambda rows, step: samples.extend(rows),
+    )
+    save_model_atomically(result.policy, tokenizer, ws.model(STAGE))
+    curves.write(ws.plots(STAGE))
+    reports = ws.reports(STAGE)
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in result.samples or samples))
+    metrics = {**result.metrics, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}
+    metrics.update({f"reward_norm/{k}": v for k, v in result.reward_norm.items()})
+    write_json(ws.metrics(STAGE), metrics)
+    if tracker is not None and (result.samples or samples):
+        tracker.log_table(result.samples or samples, "samples.json")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics
+
+
+def main() -> None:
+    from tasks.stage_main import stage_main
+
+    stage_main(STAGE, run)
+
+
+if __name__ == "__main__":
+    main()

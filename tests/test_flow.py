@@ -1,0 +1,136 @@
+"""The Prefect alignment flow under `prefect_test_harness`: it runs DVC, owns the parent MLflow run,
+applies overrides, pushes to the DVC remote, fails loudly and safely, and runs can be reproduced
+and compared."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.workspace_factory import make_workspace, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def flow_ws(tmp_path_factory, prefect_harness) -> Path:
+    """A workspace on which the flow has run once (tracking to its own SQLite MLflow store)."""
+    ws = make_workspace(tmp_path_factory.mktemp("flow") / "ws")
+    return ws
+
+
+@pytest.fixture(scope="module")
+def first_run(flow_ws, monkeypatch_module):
+    from flows.alignment import alignment_flow
+
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = alignment_flow(workspace=str(flow_ws))
+    run(["git", "add", "-A"], flow_ws)
+    run(["git", "commit", "-qm", "after first run"], flow_ws)
+    return result
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _parent(flow_ws: Path, run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{flow_ws / 'mlflow.db'}").get_run(run_id)
+
+
+def test_flow_runs_every_stage_and_summarises_on_the_parent_run(flow_ws, first_run):
+    stages = [s["stage"] for s in first_run["stages"]]
+    assert stages == ["prepare", "validate", "sft", "reward", "ppo", "dpo", "evaluate"]  # dvc.yaml order
+    assert all(s["ran"] for s in first_run["stages"])
+    parent = _parent(flow_ws, first_run["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] and parent.data.tags["git.commit"] != "unknown"
+    evaluation = json.loads((flow_ws / "metrics" / "evaluate.json").read_text())
+    assert parent.data.metrics["evaluate/dpo/gold_reward"] == pytest.approx(evaluation["dpo/gold_reward"])
+    assert parent.data.params["dpo.beta"] == "0.1"
+    # stage runs are nested under the parent
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{flow_ws / 'mlflow.db'}")
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["stage"] for c in children} == set(stages)
+    # pushed to the local DVC remote
+    assert any((flow_ws.parent / "ws-remote").rglob("*"))
+
+
+def test_second_run_skips_every_stage_and_dvc_has_nothing_to_do(flow_ws, first_run):
+    from flows.alignment import alignment_flow
+
+    result = alignment_flow(workspace=str(flow_ws))
+    assert not any(s["ran"] for s in result["stages"])
+    assert run(["dvc", "status", "--json"], flow_ws).stdout.strip() in ("{}", "")
+
+
+def test_override_reruns_only_the_affected_stages(flow_ws, first_run):
+    from flows.alignment import alignment_flow
+
+    result = alignment_flow(workspace=str(flow_ws), overrides=["dpo.beta=0.3"])
+    ran = {s["stage"] for s in result["stages"] if s["ran"]}
+    assert ran == {"dpo", "evaluate"}
+    assert "beta: 0.3" in (flow_ws / "params.yaml").read_text()
+    assert _parent(flow_ws, result["parent_run_id"]).data.params["dpo.beta"] == "0.3"
+    run(["git", "commit", "-qam", "dpo.beta=0.3"], flow_ws)
+
+
+def test_reproduce_reports_matching_metrics(flow_ws, first_run, tmp_path):
+    from tasks.reproduce import reproduce
+
+    parent_id = first_run["parent_run_id"]
+    report = reproduce(flow_ws, parent_id, worktree=tmp_path / "rebuild")
+    assert report.outputs_match_lock
+    assert report.checks and all(c.status in ("match", "timing") for c in report.checks), [
+        c for c in report.checks if c.status not in ("match", "timing")
+    ]
+    assert report.matches
+    # the user's workspace was not touched by the rebuild
+    assert "beta: 0.3" in (flow_ws / "params.yaml").read_text()
+    run(["git", "worktree", "remove", "--force", str(tmp_path / "rebuild")], flow_ws)
+
+
+def test_compare_shows_the_differing_parameter(flow_ws, first_run):
+    from tasks.compare import compare, pipeline_runs
+
+    runs = pipeline_runs(flow_ws, None, last=10)
+    table = compare(runs)
+    assert "dpo.beta" in table.differing_params
+    assert set(table.differing_params["dpo.beta"]) >= {"0.1", "0.3"}
+    assert "evaluate/dpo/gold_reward" in table.metrics
+
+
+def test_a_failing_stage_fails_the_flow_names_it_and_keeps_earlier_outputs(flow_ws, first_run):
+    from flows.alignment import alignment_flow
+    from tasks.dvc_ops import StageFailed
+
+    before = (flow_ws / "models" / "sft" / "model.safetensors").read_bytes()
+    # An invalid value only the reward stage reads: prepare..sft are untouched, reward fails.
+    with pytest.raises(StageFailed) as info:
+        alignment_flow(workspace=str(flow_ws), overrides=["reward.learning_rate=-1"], push=False)
+    assert info.value.stage == "reward"
+    assert "reward" in str(info.value) and "learning_rate" in str(info.value)
+    assert (flow_ws / "models" / "sft" / "model.safetensors").read_bytes() == before
+    # The failed stage's previous outputs are still in the DVC cache: nothing is lost.
+    run(["git", "checkout", "--", "params.yaml"], flow_ws)
+    run(["dvc", "checkout"], flow_ws)
+    assert list((flow_ws / "models" / "reward").glob("*.safetensors"))
+    assert run(["dvc", "status", "--json"], flow_ws).stdout.strip() in ("{}", "")
