@@ -66,8 +66,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(path: Path, overrides: list[str]) -> dict[str, Any]:
     """Write ``overrides`` into ``path`` (keeping comments); return {dotted key: (old, new)} changed.
 
-    A key must already exist in params.yaml, except a new key inside an existing group's mapping
-    for free-form fields (``extra_args``); typos fail here, before any stage runs.
+    The group (every part but the last) must exist in params.yaml; a new last key is added
+    (e.g. a config field left at its default). A key no stage knows fails in that stage's typed
+    config, which names the known keys.
     """
     from ruamel.yaml import YAML  # round-trip editor that DVC also uses
 
@@ -87,7 +88,7 @@ def apply_overrides(path: Path, overrides: list[str]) -> dict[str, Any]:
                 node[part] = {}
             node = node[part]
         leaf = parts[-1]
-        if not isinstance(node, dict) or (leaf not in node and not _free_form(parts)):
+        if not isinstance(node, dict):
             raise ParamsError(f"override {text!r}: {'.'.join(parts)} is not in {path.name}")
         old = node.get(leaf)
         node[leaf] = value
@@ -97,7 +98,3 @@ def apply_overrides(path: Path, overrides: list[str]) -> dict[str, Any]:
         rt.dump(doc, fh)
     tmp.replace(path)
     return changed
-
-
-def _free_form(parts: list[str]) -> bool:
-    return len(parts) >= 3 and parts[-2] == "extra_args"

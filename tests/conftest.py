@@ -20,6 +20,9 @@ for _key, _value in {
     "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "WANDB_DISABLED": "true",
+    # Tiny models on 2 shared cores: one thread per process avoids oversubscription (the tests
+    # run servers and DVC stage processes beside the test process); also inherited by subprocesses.
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_key, _value)
 
@@ -30,6 +33,9 @@ from pathlib import Path  # noqa: E402
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -145,7 +145,7 @@ def mean_gold_reward(model, tokenizer, prompts_ds, seed: int = 0) -> float:
     tokenized, _ = tokenize_prompts(prompts_ds, tokenizer, TruncationConfig(max_length=48))
     out = generate(model.eval(), tokenizer, [list(x) for x in tokenized["prompt_input_ids"]], max_new_tokens=16,
                    temperature=1.0, do_sample=True, batch_size=64, seed=seed)
-    scores = GoldReward()(list(tokenized["prompt"]), out.texts)
+    scores = GoldReward()(list(prompts_ds["prompt"]), out.texts)
     return sum(scores) / len(scores)
 
 

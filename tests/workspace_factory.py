@@ -24,7 +24,8 @@ TINY = [
     "dpo.max_steps=8", "dpo.eval_steps=4", "dpo.save_steps=4", "dpo.logging_steps=2", "dpo.per_device_train_batch_size=16",
     "evaluate.max_prompts=24", "evaluate.batch_size=24", "evaluate.max_new_tokens=8", "evaluate.n_samples_logged=4",
 ]
-TINY_PPO: list[str] = []  # filled in once the PPO parameters are known (see params.yaml `ppo`)
+TINY_PPO = ["ppo.max_updates=2", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1",
+            "ppo.eval_steps=2", "ppo.save_steps=1", "ppo.max_new_tokens=8", "ppo.reward_norm_batches=1"]
 
 
 def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
