@@ -59,6 +59,21 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def limit_cpu_threads() -> int:
+    """CPU threads for this stage's torch ops: ``$OMP_NUM_THREADS`` if set, else all cores but one.
+
+    The spare core serves the processes beside the stage (Prefect and MLflow servers, DVC): with
+    every core busy, torch's thread pool spins on barriers and small models slow down tenfold.
+    """
+    import os
+
+    import torch
+
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def stage_main(stage: str, run: StageFn) -> None:
     from rlhf_core.data.formats import DataFormatError
     from rlhf_core.data.loading import DataLoadError
@@ -67,6 +82,7 @@ def stage_main(stage: str, run: StageFn) -> None:
     import datasets
 
     datasets.disable_progress_bars()  # per-map bars drown the training log in Prefect/CI output
+    limit_cpu_threads()
     ws = Workspace.here()
     started = time.perf_counter()
     try:
