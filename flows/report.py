@@ -17,8 +17,13 @@ def _metrics(root: Path, stage: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _console() -> Console:
+    console = Console()
+    return console if console.is_terminal else Console(width=140)  # logs and CI: do not wrap at 80
+
+
 def print_run_summary(result: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     root = Path(result["workspace"])
     stages = Table(title="Stages")
     for col in ("stage", "status", "seconds"):
@@ -54,7 +59,7 @@ def _fmt(value: Any) -> str:
 
 
 def print_reproduce_report(report: Any, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     table = Table(title=f"Reproduction of run {report.run_id} ({report.mode}, commit {report.commit[:12]})")
     for col in ("metric", "logged", "reproduced", "status"):
         table.add_column(col)
@@ -68,7 +73,7 @@ def print_reproduce_report(report: Any, console: Console | None = None) -> None:
 
 
 def print_comparison(cmp: Any, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     table = Table(title="Pipeline runs")
     table.add_column("")
     for name, rid in zip(cmp.names, cmp.run_ids):

@@ -7,6 +7,7 @@ API is not, and one DVC call at a time per workspace: DVC holds a repo lock).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Callable
 import yaml
 
 SKIP_MARKER = "didn't change, skipping"
+PROGRESS_BAR = re.compile(r"\d+%\|")
+PROGRESS_EVERY_S = 10.0
 
 
 class StageFailed(RuntimeError):
@@ -82,13 +85,18 @@ def repro_stage(root: Path, stage: str, *, env: dict[str, str] | None = None, ec
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: list[str] = []
     skipped = False
+    last_bar = 0.0
     assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.rstrip("\n").split("\r")[-1]  # progress bars redraw with \r: keep their last state
+    for raw in proc.stdout:  # text mode splits on \r too: each progress-bar redraw is a line
+        line = raw.rstrip("\n")
         if not line.strip():
             continue
         skipped = skipped or SKIP_MARKER in line
         tail = (tail + [line])[-40:]
+        if PROGRESS_BAR.search(line) and "100%" not in line:
+            if time.monotonic() - last_bar < PROGRESS_EVERY_S:
+                continue  # a log line per redraw would drown the log: one every few seconds
+            last_bar = time.monotonic()
         echo(line)
     returncode = proc.wait()
     if returncode != 0:

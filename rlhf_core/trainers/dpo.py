@@ -52,9 +52,14 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = 0.0
     """ε: assumed share of flipped labels (conservative / robust DPO)."""
     reference: Literal["precomputed", "live"] = "precomputed"
+    rpo_alpha: float = 0.0
+    """α of RPO (Pang et al. 2024; TRL's ``rpo_alpha``): adds α·NLL of the chosen completion (per
+    token) to the DPO loss, so the chosen likelihood cannot collapse while the margin grows."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.loss_type not in DPO_LOSSES:
             raise ValueError(f"loss_type {self.loss_type!r} is not one of {sorted(DPO_LOSSES)}")
         if self.beta <= 0:
@@ -113,6 +118,11 @@ class DPOTrainer(StoredMetricsTrainer):
             chosen, rejected, ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype),
             beta=self.dpo.beta, loss_type=self.dpo.loss_type, label_smoothing=self.dpo.label_smoothing,
         )
+        if self.dpo.rpo_alpha > 0:
+            # NLL per chosen completion token: sums back from the summed (or averaged) log-probs.
+            n_tokens = batch["chosen_completion_mask"].sum(-1).clamp(min=1).to(chosen.dtype)  # (B,)
+            nll = -(chosen if average else chosen / n_tokens)
+            losses = losses + self.dpo.rpo_alpha * nll
         stats = {
             M.REWARDS_CHOSEN: chosen_rewards,
             M.REWARDS_REJECTED: rejected_rewards,
