@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-TASK_SIZES = dict(n_sft=2000, n_pref_train=2000, n_pref_test=300, n_prompts=96, temperature=0.2)
-SFT_STEPS = 150
+TASK_SIZES = dict(n_sft=2000, n_pref_train=16000, n_pref_test=400, n_prompts=128, temperature=0.2)
+SFT_STEPS = 300
 
 
 @pytest.fixture(scope="session")
