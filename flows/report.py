@@ -32,6 +32,10 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
         stages.add_row(s["stage"], "ran" if s["ran"] else "up to date (skipped)", f"{s['seconds']:.1f}")
     console.print(stages)
 
+    prepare = _metrics(root, "prepare")
+    if "seconds/data" in prepare:
+        console.print(f"data prepared in {prepare['seconds/data']:.2f}s, tokenizer trained in "
+                      f"{prepare.get('seconds/tokenizer', 0.0):.2f}s (metrics/prepare.json)")
     evaluation = _metrics(root, "evaluate")
     if evaluation:
         table = Table(title="Policies on held-out prompts (metrics/evaluate.json)")
