@@ -65,6 +65,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -464,9 +465,11 @@ class PPOTrainer:
         cfg, ds = self.cfg, dataset if dataset is not None else self.train_prompts
         unwrapped = self.unwrapped.eval()
         batch = ds.select(rows)
+        started = time.perf_counter()
         out = generate(unwrapped.policy, self.tokenizer, [list(p) for p in batch["prompt_input_ids"]],
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0, top_p=1.0,
                        do_sample=do_sample, batch_size=cfg.forward_batch_size, seed=seed)
+        generated = time.perf_counter()
         query_response = torch.cat([out.query_ids, out.response_ids], dim=1)  # (B, Q+R)
         attention_mask = torch.cat([out.query_mask, out.response_mask], dim=1)  # (B, Q+R)
         n_query = out.query_ids.shape[1]
@@ -485,6 +488,9 @@ class PPOTrainer:
             parts["ref_logprobs"].append(response_logprobs(ref_logits, ids, comp, n_query, cfg.temperature))  # (b, R)
         prompts = list(batch[_PROMPT_TEXT])
         raw, scores = self.score(prompts, out.texts, query_response, attention_mask, out.has_eos)
+        # Wall time of the phases of a PPO step (bench/ppo_step.py reads them from the logs).
+        self.timing = {"generation": generated - started, "scoring": time.perf_counter() - generated,
+                       "generated_tokens": float(out.response_mask.sum())}
         cat = {name: torch.cat(chunks) for name, chunks in parts.items()}
         return Rollout(query_response, attention_mask, n_query, mask, out.has_eos, prompts, out.texts,
                        cat["logprobs"].float(), cat["ref_logprobs"].float(), cat["values"], cat["entropy"].float(),
@@ -549,7 +555,10 @@ class PPOTrainer:
         _, kl, advantages, returns = self.advantages(ro)
         beta = self.kl_ctl.value
         lr = self.scheduler.get_last_lr()[0]
+        timing = dict(self.timing)
+        started = time.perf_counter()
         stats = self.optimise(ro, advantages, returns)
+        timing["training"] = time.perf_counter() - started
         self.scheduler.step()
         kl_sum = kl.sum(dim=1)  # (B,) KL of each response
         per_batch = {
@@ -568,6 +577,7 @@ class PPOTrainer:
         values = torch.stack([torch.as_tensor(per_batch[n], dtype=torch.float32, device=device) for n in names])  # (n,)
         values = self.accelerator.reduce(values, reduction="mean").tolist()
         metrics = {M.key(M.TRAIN, n): v for n, v in zip(names, values)}
+        metrics.update({M.key("timing", name): value for name, value in timing.items()})
         metrics[M.key(M.TRAIN, M.KL_COEF)] = beta
         metrics[M.key(M.TRAIN, M.LEARNING_RATE)] = lr
         self.kl_ctl.update(metrics[M.key(M.TRAIN, M.OBJECTIVE_KL)], n_steps=len(ro.prompts) * self.accelerator.num_processes)
