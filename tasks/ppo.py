@@ -57,6 +57,10 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         value_model=value_model, reward_fn=gold if reward_fn_name == "gold" else None, monitor_fn=gold,
         log_fn=curves, samples_fn=lambda rows, step: samples.extend(rows),
     )
+    from tasks.launch import is_main_process
+
+    if not is_main_process():
+        return result.metrics
     save_model_atomically(result.policy, tokenizer, ws.model(STAGE))
     curves.write(ws.plots(STAGE))
     reports = ws.reports(STAGE)

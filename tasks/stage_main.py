@@ -85,8 +85,13 @@ def stage_main(stage: str, run: StageFn) -> None:
     limit_cpu_threads()
     ws = Workspace.here()
     started = time.perf_counter()
+    from tasks.launch import is_main_process
+
     try:
         params = load_params(ws.params_file)
+        if not is_main_process():  # other ranks of `accelerate launch` train; rank 0 tracks and saves
+            run(params, ws, None)
+            return
         with stage_run(stage, stage_params(params, ws, stage), project_dir=ws.root, tracking=params.get("tracking")) as tracker:
             metrics = run(params, ws, tracker)
             tracker.log_metrics(_numeric(metrics))

@@ -133,6 +133,10 @@ def run_training_stage(
     model = make_model(tokenizer, cfg)
     curves = CurveRecorder(log_fn_of(tracker))
     result = train_fn(model, tokenizer, load_split(ws, train_split), load_split(ws, eval_split), cfg, log_fn=curves)
+    from tasks.launch import is_main_process
+
+    if not is_main_process():
+        return result.metrics
     save_model_atomically(result.model, tokenizer, ws.model(stage))
     curves.write(ws.plots(stage))
     metrics = {

@@ -1,0 +1,47 @@
+"""The `rlhf` command line: help everywhere, data inspection, clear errors; the multi-GPU launcher."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.launch import launch_command
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args", [[], ["run"], ["stage"], ["reproduce"], ["compare"], ["data"], ["data", "inspect"]])
+def test_every_command_has_help(args):
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_data_inspect_detects_and_normalises_a_public_format(fixtures_dir):
+    result = runner.invoke(app, ["data", "inspect", str(fixtures_dir / "public" / "sharegpt-dpo-en-demo.json"), "--kind", "preference"])
+    assert result.exit_code == 0, result.output
+    assert "format: sharegpt_dpo" in result.output and "chosen" in result.output
+
+
+def test_data_inspect_names_the_columns_of_an_unknown_format(tmp_path):
+    bad = tmp_path / "weird.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n')
+    result = runner.invoke(app, ["data", "inspect", str(bad), "--kind", "preference"])
+    assert result.exit_code == 1
+    assert "question" in result.output and "hh_rlhf" in result.output
+
+
+def test_data_inspect_names_a_missing_file(tmp_path):
+    result = runner.invoke(app, ["data", "inspect", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 1 and "nope.jsonl" in result.output
+
+
+def test_training_stages_launch_through_accelerate_on_several_gpus():
+    # No GPU here: this checks the command the launcher would exec, not a multi-GPU run.
+    assert launch_command("sft", 1) is None
+    cmd = launch_command("dpo", 4)
+    assert cmd[:2] == ["accelerate", "launch"] and "--multi_gpu" in cmd and cmd[cmd.index("--num_processes") + 1] == "4"
+    assert cmd[-2:] == ["-m", "tasks.dpo"]
+    with pytest.raises(ValueError, match="not a training stage"):
+        launch_command("evaluate", 2)
