@@ -250,7 +250,7 @@ def test_log_parent_summary(client, tmp_path):
     run = client.get_run(parent)
     assert run.data.metrics == expected
     assert run.data.tags["prefect.flow_run_id"] == "abc-123"
-    assert {"params.yaml", "dvc.lock"} <= {a.path for a in client.list_artifacts(parent)}
+    assert {"pipeline/params.yaml", "pipeline/dvc.lock"} <= {a.path for a in client.list_artifacts(parent, "pipeline")}
 
 
 def _tiny_gpt2():

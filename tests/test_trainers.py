@@ -162,3 +162,23 @@ def test_dpo_beats_sft_on_held_out_preferences_and_gold_reward(sft_result, synth
     sft_gold = mean_gold_reward(load_causal_lm(str(sft_result["dir"])), synthetic_tokenizer, synthetic_task["prompts"])
     dpo_gold = mean_gold_reward(result.model, synthetic_tokenizer, synthetic_task["prompts"])
     assert dpo_gold > sft_gold, (sft_gold, dpo_gold)
+
+
+def test_lora_sft_trains_adapters_only_and_saves_a_plain_merged_model(toy, tmp_path):
+    from rlhf_core.config import config_from_dict
+
+    sft, _, tokenizer = toy
+    base = build_tiny_causal_lm(tokenizer, TinyModelConfig(hidden_size=32, n_layer=1, n_head=2, max_positions=32), seed=0)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    cfg = config_from_dict(SFTConfig, {"output_dir": str(tmp_path / "ckpt"), "max_steps": 6, "save_steps": 100, "eval_steps": 100,
+                                       "per_device_train_batch_size": 8, "max_length": 32, "progress": False,
+                                       "learning_rate": 1e-2, "lora": {"r": 4, "alpha": 8}}, section="sft")
+    result = train_sft(base, tokenizer, sft, sft.select(range(8)), cfg)
+    trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in result.model.parameters())
+    assert 0 < trainable < total / 5
+    save_model(result.model, tokenizer, tmp_path / "merged")
+    merged = load_causal_lm(str(tmp_path / "merged"))
+    assert not hasattr(merged, "peft_config")
+    changed = [k for k, v in merged.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert changed, "merging the trained adapters changed no weight"
