@@ -18,6 +18,8 @@ import torch
 from rlhf_core.models.io import DType, pretrained_kwargs
 from rlhf_core.models.lora import LoraSettings, apply_lora
 
+from rlhf_core.logprobs import position_ids_from_attention_mask as position_ids_from_mask  # one definition, shared
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -75,16 +77,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.LongTensor:
     if (index < 0).any():
         raise ValueError(f"attention_mask rows {torch.nonzero(index < 0).flatten().tolist()} have no real token")
     return index
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
-    """(B, T) positions counted over real tokens only: 0 at each row's first real token.
-
-    With right padding this equals ``arange(T)`` on real tokens; with left padding it shifts each
-    row so the same tokens get the same positions. Models with learned absolute positions (GPT-2)
-    need this to score a left-padded row like its right-padded twin. Pads get a clamped, unused value.
-    """
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (B, T)
 
 
 def _score_head(model: torch.nn.Module) -> torch.nn.Module:
