@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rlhf_core.logprobs import position_ids_from_attention_mask as position_ids_from_mask  # one definition, shared
 from rlhf_core.models.io import DType, pretrained_kwargs
 from rlhf_core.models.lora import LoraSettings, apply_lora
-
-from rlhf_core.logprobs import position_ids_from_attention_mask as position_ids_from_mask  # one definition, shared
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
