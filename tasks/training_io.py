@@ -139,6 +139,8 @@ def run_training_stage(
         return result.metrics
     save_model_atomically(result.model, tokenizer, ws.model(stage))
     curves.write(ws.plots(stage))
+    if tracker is not None:
+        tracker.log_artifacts(str(ws.plots(stage)), "plots")
     metrics = {
         **result.metrics,
         **tokenize_stats("data/train", result.train_stats),

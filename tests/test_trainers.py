@@ -182,3 +182,16 @@ def test_lora_sft_trains_adapters_only_and_saves_a_plain_merged_model(toy, tmp_p
     assert not hasattr(merged, "peft_config")
     changed = [k for k, v in merged.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert changed, "merging the trained adapters changed no weight"
+
+
+def test_dpo_live_reference_computes_what_precomputed_reference_computes(toy, tmp_path):
+    sft, pref, tokenizer = toy
+    results = {}
+    for reference in ("precomputed", "live"):
+        policy = build_tiny_causal_lm(tokenizer, TinyModelConfig(hidden_size=32, n_layer=1, n_head=2, max_positions=32), seed=0)
+        cfg = DPOConfig(output_dir=str(tmp_path / reference), max_steps=3, save_steps=100, eval_steps=100, logging_steps=1,
+                        per_device_train_batch_size=8, max_length=32, progress=False, learning_rate=1e-2, reference=reference)
+        results[reference] = train_dpo(policy, tokenizer, pref, pref.select(range(16)), cfg).metrics
+    assert results["live"]["eval/rewards/margins"] != 0.0  # the policy moved away from its reference
+    for key, value in results["precomputed"].items():
+        assert results["live"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
