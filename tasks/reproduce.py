@@ -63,7 +63,7 @@ def compare_metrics(logged: dict[str, float], reproduced: dict[str, float], *, r
     checks = []
     for name in sorted(set(logged) | set(reproduced)):
         a, b = logged.get(name), reproduced.get(name)
-        if name.rsplit("/", 1)[-1].startswith(TIMING_KEYS):
+        if any(part.startswith(TIMING_KEYS) for part in name.split("/")):  # e.g. prepare/seconds/data
             status = "timing"
         elif a is None or b is None:
             status = "missing"
@@ -76,20 +76,16 @@ def compare_metrics(logged: dict[str, float], reproduced: dict[str, float], *, r
 
 
 def lock_out_hashes(lock: Path) -> dict[str, str]:
-    """{output path: md5} of the data/model outputs in a ``dvc.lock`` (metrics and plots excluded:
-    they carry timings and are compared metric by metric instead)."""
+    """{output path: md5} of the data and model outputs in a ``dvc.lock``. Metrics, plots and reports
+    are left out: they carry timings and rendering dates, and metrics are compared value by value."""
     import yaml
 
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    dvc_yaml = lock.parent / "dvc.yaml"
-    declared = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.exists() else {}
-    hashes = {}
-    for name, entry in stages.items():
-        data_outs = {o if isinstance(o, str) else next(iter(o)) for o in declared.get(name, {}).get("outs", [])}
-        for out in entry.get("outs", []):
-            if out["path"] in data_outs and not out["path"].startswith(("reports/", "plots/")):
-                hashes[out["path"]] = out.get("md5", "")
-    return hashes
+    return {
+        out["path"]: out.get("md5", "")
+        for entry in stages.values() for out in entry.get("outs", [])
+        if not out["path"].startswith(("metrics/", "plots/", "reports/"))
+    }
 
 
 def _git(root: Path, *args: str) -> str:

@@ -97,6 +97,7 @@ def test_reproduce_reports_matching_metrics(flow_ws, first_run, tmp_path):
     from tasks.reproduce import reproduce
 
     parent_id = first_run["parent_run_id"]
+    params_before = (flow_ws / "params.yaml").read_text()
     report = reproduce(flow_ws, parent_id, worktree=tmp_path / "rebuild")
     assert report.outputs_match_lock
     assert report.checks and all(c.status in ("match", "timing") for c in report.checks), [
@@ -104,8 +105,19 @@ def test_reproduce_reports_matching_metrics(flow_ws, first_run, tmp_path):
     ]
     assert report.matches
     # the user's workspace was not touched by the rebuild
-    assert "beta: 0.3" in (flow_ws / "params.yaml").read_text()
+    assert (flow_ws / "params.yaml").read_text() == params_before
     run(["git", "worktree", "remove", "--force", str(tmp_path / "rebuild")], flow_ws)
+
+
+def test_reproduce_with_recompute_retrains_and_matches_exactly_on_cpu(flow_ws, first_run, tmp_path):
+    from tasks.reproduce import reproduce
+
+    report = reproduce(flow_ws, first_run["parent_run_id"], recompute=True, worktree=tmp_path / "recompute")
+    differing = [c for c in report.checks if c.status not in ("match", "timing")]
+    assert not differing, differing
+    assert report.outputs_match_lock  # the retrained models hash exactly like the originals
+    assert any(c.name == "dpo/eval/loss" and c.status == "match" for c in report.checks)
+    run(["git", "worktree", "remove", "--force", str(tmp_path / "recompute")], flow_ws)
 
 
 def test_compare_shows_the_differing_parameter(flow_ws, first_run):
