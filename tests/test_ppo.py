@@ -272,7 +272,11 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
         assert torch.equal(tensor, _weights(resumed.policy)[name]), name
     for name, tensor in _weights(straight.value_model).items():
         assert torch.equal(tensor, _weights(resumed.value_model)[name]), name
-    assert resumed_logs[4] == straight_logs[4]
+    def deterministic(logs: dict) -> dict:  # wall-clock timings (timing/*) differ between any two runs
+        return {k: v for k, v in logs.items() if not k.startswith("timing/")}
+
+    assert deterministic(resumed_logs[4]) == deterministic(straight_logs[4])
+    assert "timing/generation" in resumed_logs[4]
     # Optimizer moments and our own state (adaptive β, reward normalisation, counter) match too.
     opt_a = torch.load(tmp_path / "straight" / "checkpoint-4" / "optimizer.bin", weights_only=True)["state"]
     opt_b = torch.load(tmp_path / "resumed" / "checkpoint-4" / "optimizer.bin", weights_only=True)["state"]
