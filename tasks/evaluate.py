@@ -55,7 +55,7 @@ def gold_reward_fn(ws: Workspace):
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     import torch
 
-    from rlhf_core.data.tokenize import TruncationConfig, tokenize_prompts
+    from rlhf_core.data.tokenize import encode_prompts
     from rlhf_core.evaluation import evaluate_policy, win_rate
     from rlhf_core.models import load_causal_lm, load_reward_model
     from tasks.evaluation_report import write_plots
@@ -67,11 +67,18 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     tokenizer = load_tokenizer(ws)
     prompts_ds = load_split(ws, "prompts")
     prompts_ds = prompts_ds.select(range(min(cfg.max_prompts, len(prompts_ds))))
-    max_length = int(params.get("sft", {}).get("max_length", 128))
-    tokenized, _ = tokenize_prompts(prompts_ds, tokenizer, TruncationConfig(max_length=max_length - cfg.max_new_tokens + 1))
-    prompt_ids = [list(ids) for ids in tokenized["prompt_input_ids"]]
-    prompts = [tokenized[i]["prompt"] if "prompt" in tokenized.column_names else prompts_ds[i]["prompt"] for i in range(len(tokenized))]
     reference = load_causal_lm(str(ws.model("sft"))).eval()
+    config = reference.config
+    max_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+    # Prompts that leave no room for a response within the models' length are left out (and counted).
+    encoded = encode_prompts(tokenizer, list(prompts_ds["prompt"]), list(prompts_ds["prompt_messages"]))
+    keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
+    if not keep:
+        from tasks.stage_main import StageError
+
+        raise StageError(f"every held-out prompt is longer than {max_length - cfg.max_new_tokens} tokens")
+    prompt_ids = [encoded[i] for i in keep]
+    prompts = [prompts_ds[i]["prompt"] for i in keep]
     reward_model = load_reward_model(str(ws.model("reward"))).eval()
     gold_fn = gold_reward_fn(ws)
     results = {}
@@ -81,7 +88,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
             policy, reference, reward_model, tokenizer, prompts, prompt_ids, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed, gold_fn=gold_fn,
         )
-    metrics: dict[str, Any] = {"n_prompts": len(prompts)}
+    metrics: dict[str, Any] = {"n_prompts": len(prompts), "n_prompts_too_long": len(encoded) - len(keep)}
     for name, res in results.items():
         metrics.update({f"{name}/{k}": v for k, v in res.metrics.items()})
         if name != "sft":
