@@ -37,11 +37,6 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any] | None, *, section: s
         raise ValueError(f"{where}: {err}") from err
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The inverse of ``config_from_dict`` (nested dataclasses become dicts)."""
-    return dataclasses.asdict(cfg)
-
-
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     if hint is Any:

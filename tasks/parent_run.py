@@ -12,7 +12,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks.tracking import DEFAULT_EXPERIMENT, RECORD_DIR, flatten_params, log_parent_summary, resolve_tracking_uri
+from tasks.tracking import (
+    DEFAULT_EXPERIMENT,
+    RECORD_DIR,
+    flatten_params,
+    log_parent_summary,
+    metrics_dir_values,
+    resolve_tracking_uri,
+)
 
 
 @contextmanager
@@ -71,8 +78,6 @@ def close_parent_run(project_dir: Path, tracking: dict[str, Any] | None, run_id:
 
 def download_run_record(project_dir: Path, tracking: dict[str, Any] | None, run_id: str, dest: Path) -> dict[str, Any]:
     """Fetch a parent run's record: commit, params.yaml, dvc.lock, metrics files and logged metric values."""
-    from tasks.reproduce import flatten_metrics
-
     with tracking_client(project_dir, tracking) as (client, uri):
         try:
             run = client.get_run(run_id)
@@ -90,5 +95,5 @@ def download_run_record(project_dir: Path, tracking: dict[str, Any] | None, run_
         "params": params,
         "lock": lock,
         "metrics": sorted((local / "metrics").glob("*.json")),
-        "logged_metrics": flatten_metrics(local / "metrics"),
+        "logged_metrics": metrics_dir_values(local / "metrics"),
     }

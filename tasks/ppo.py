@@ -31,6 +31,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
     from tasks.evaluate import gold_reward_fn
+    from tasks.launch import is_main_process
     from tasks.training_io import CurveRecorder, checkpoint_dir, load_split, load_tokenizer, log_fn_of, save_model_atomically
 
     options = group(params, STAGE)
@@ -51,26 +52,25 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     reward_model = load_reward_model(str(ws.model("reward")))
     value_model = load_reward_model(str(ws.model("reward")))  # value head initialised from the RM
     curves = CurveRecorder(log_fn_of(tracker))
-    samples: list[dict[str, Any]] = []
     result = train_ppo(
         policy, reference, reward_model, tokenizer, _prompts(load_split(ws, "pref_train")), load_split(ws, "prompts"), cfg,
         value_model=value_model, reward_fn=gold if reward_fn_name == "gold" else None, monitor_fn=gold,
-        log_fn=curves, samples_fn=lambda rows, step: samples.extend(rows),
+        log_fn=curves,
     )
-    from tasks.launch import is_main_process
-
     if not is_main_process():
         return result.metrics
     save_model_atomically(result.policy, tokenizer, ws.model(STAGE))
     curves.write(ws.plots(STAGE))
+    if tracker is not None:
+        tracker.log_artifacts(str(ws.plots(STAGE)), "plots")
     reports = ws.reports(STAGE)
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in result.samples or samples))
+    (reports / "samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in result.samples))
     metrics = {**result.metrics, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}
     metrics.update({f"reward_norm/{k}": v for k, v in result.reward_norm.items()})
     write_json(ws.metrics(STAGE), metrics)
-    if tracker is not None and (result.samples or samples):
-        tracker.log_table(result.samples or samples, "samples.json")
+    if tracker is not None and result.samples:  # decoded samples of every evaluation, with score and KL
+        tracker.log_table(result.samples, "samples.json")
     shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
 

@@ -13,7 +13,6 @@ Then each logged metric is compared with the rebuilt one. Timings are reported, 
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import dvc_ops
+from tasks.tracking import metrics_dir_values
 
 TIMING_KEYS = ("seconds",)
 
@@ -47,16 +47,6 @@ class ReproduceReport:
     @property
     def matches(self) -> bool:
         return self.outputs_match_lock and all(c.status in ("match", "timing") for c in self.checks)
-
-
-def flatten_metrics(metrics_dir: Path) -> dict[str, float]:
-    """``metrics/<stage>.json`` files -> {``<stage>/<key>``: value} (numbers only)."""
-    out: dict[str, float] = {}
-    for path in sorted(metrics_dir.glob("*.json")):
-        for key, value in json.loads(path.read_text()).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"{path.stem}/{key}"] = float(value)
-    return out
 
 
 def compare_metrics(logged: dict[str, float], reproduced: dict[str, float], *, rel_tol: float = 0.0) -> list[MetricCheck]:
@@ -137,5 +127,5 @@ def reproduce(workspace: Path, run_id: str, *, recompute: bool = False, tracking
         for path in record["metrics"]:
             shutil.copy(path, worktree / "metrics" / Path(path).name)
         outputs_match = dvc_ops.status_clean(worktree)
-    checks = compare_metrics(record["logged_metrics"], flatten_metrics(worktree / "metrics"))
+    checks = compare_metrics(record["logged_metrics"], metrics_dir_values(worktree / "metrics"))
     return ReproduceReport(run_id, commit, worktree, "recompute" if recompute else "pull", outputs_match, checks)

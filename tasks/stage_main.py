@@ -55,10 +55,6 @@ def stage_outputs(ws: Workspace, stage: str) -> list[Path]:
     return [ws.root / (o if isinstance(o, str) else next(iter(o))) for o in outs]
 
 
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def limit_cpu_threads() -> int:
     """CPU threads for this stage's torch ops: ``$OMP_NUM_THREADS`` if set, else all cores but one.
 
@@ -94,7 +90,7 @@ def stage_main(stage: str, run: StageFn) -> None:
             return
         with stage_run(stage, stage_params(params, ws, stage), project_dir=ws.root, tracking=params.get("tracking")) as tracker:
             metrics = run(params, ws, tracker)
-            tracker.log_metrics(_numeric(metrics))
+            tracker.log_metrics(metrics)  # non-numeric and non-finite values are skipped there
             tracker.log_output_hashes(stage_outputs(ws, stage), ws.root)
     except (ParamsError, DataFormatError, DataLoadError, StageError) as err:
         print(f"\n[rlhf] stage '{stage}' failed: {err}", file=sys.stderr)

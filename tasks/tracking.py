@@ -446,6 +446,20 @@ def _flatten_metrics(tree: Mapping[str, Any], prefix: str) -> dict[str, float]:
     return out
 
 
+def metrics_dir_values(metrics_dir: Path) -> dict[str, float]:
+    """Every finite number in ``metrics_dir/*.json`` as ``<stage>/<key>`` (nested keys joined by ``/``):
+    what the parent run logs and what ``rlhf reproduce`` compares."""
+    metrics: dict[str, float] = {}
+    for path in sorted(metrics_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from err
+        if isinstance(data, Mapping):
+            metrics.update(_flatten_metrics(data, path.stem))
+    return metrics
+
+
 def log_parent_summary(
     run_id: str, *, metrics_dir: Path, params_file: Path, lock_file: Path, extra_tags: Mapping[str, Any]
 ) -> dict[str, float]:
@@ -459,14 +473,7 @@ def log_parent_summary(
     from mlflow.entities import Metric, RunTag
 
     client = MlflowClient()
-    metrics: dict[str, float] = {}
-    for path in sorted(Path(metrics_dir).glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from err
-        if isinstance(data, Mapping):
-            metrics.update(_flatten_metrics(data, path.stem))
+    metrics = metrics_dir_values(Path(metrics_dir))
     timestamp = int(time.time() * 1000)
     entries = [Metric(k, v, timestamp, 0) for k, v in metrics.items()]
     for start in range(0, len(entries), METRICS_PER_BATCH):

@@ -123,6 +123,7 @@ def run_training_stage(
     """
     import time
 
+    from tasks.launch import is_main_process
     from tasks.params import typed
     from tasks.workspace import write_json
 
@@ -133,8 +134,6 @@ def run_training_stage(
     model = make_model(tokenizer, cfg)
     curves = CurveRecorder(log_fn_of(tracker))
     result = train_fn(model, tokenizer, load_split(ws, train_split), load_split(ws, eval_split), cfg, log_fn=curves)
-    from tasks.launch import is_main_process
-
     if not is_main_process():
         return result.metrics
     save_model_atomically(result.model, tokenizer, ws.model(stage))
