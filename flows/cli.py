@@ -26,8 +26,14 @@ def run(
     stage: list[str] = typer.Option([], "--stage", help="Run only this stage (repeatable); default: all."),
     push: bool = typer.Option(True, "--push/--no-push", help="Push outputs to the DVC remote at the end."),
     remote: Optional[str] = typer.Option(None, help="DVC remote to push to (default: the repo's default remote)."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Run isolated from this git ref's committed state (as the "
+                                      "deployments do) instead of in the workspace; overrides then stay in that run."),
 ) -> None:
-    """Run the whole pipeline as a Prefect flow (embedded defaults: no servers needed)."""
+    """Run the whole pipeline as a Prefect flow (embedded defaults: no servers needed).
+
+    Without --ref this is DVC's workspace model: --set values are written into params.yaml (as
+    `dvc exp run -S`), so dvc.lock records what ran and they stay for the next run.
+    """
     from flows import env_defaults
 
     root = workspace.resolve()
@@ -37,11 +43,15 @@ def run(
     from tasks.dvc_ops import StageFailed
 
     try:
-        result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote, stages=list(stage) or None)
+        result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote, stages=list(stage) or None,
+                                ref=ref)
     except StageFailed as err:
         typer.secho(f"\n[rlhf] {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     print_run_summary(result)
+    if set_ and not ref:
+        typer.echo(f"overrides written to {root / 'params.yaml'} (DVC's workspace model, as `dvc exp run -S`): they stay for "
+                   "the next run; `git checkout params.yaml` undoes them, `--ref HEAD` runs isolated instead")
 
 
 @app.command("stage")
@@ -59,9 +69,11 @@ def stage_cmd(name: str = typer.Argument(..., help="prepare | validate | sft | r
 
 def _tracking(root: Path) -> dict | None:
     from tasks.params import load_params
+    from tasks.tracking import resolve_tracking_uri
 
     params_file = root / "params.yaml"
-    return load_params(params_file).get("tracking") if params_file.exists() else None
+    tracking = (load_params(params_file).get("tracking") if params_file.exists() else None) or {}
+    return {**tracking, "uri": resolve_tracking_uri(tracking.get("uri"), root)}
 
 
 @app.command()
@@ -106,6 +118,44 @@ def compare(
         typer.secho("no finished pipeline runs found (run `rlhf run` first)", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
     print_comparison(do_compare(runs))
+
+
+@app.command()
+def status(
+    workspace: Path = WORKSPACE,
+    last: int = typer.Option(10, "--last", "-n", help="How many recent pipeline runs to list."),
+) -> None:
+    """The champion in service, and the recent pipeline runs with their promotion decisions."""
+    from flows import env_defaults
+    from flows.report import print_status
+    from tasks.registry import service_status
+
+    root = workspace.resolve()
+    env_defaults.apply(root)
+    print_status(service_status(root, _tracking(root), last=last))
+
+
+@app.command()
+def promote(
+    run_id: str = typer.Argument(..., help="Pipeline (parent) run id whose registered policy should serve."),
+    force: bool = typer.Option(False, "--force", help="Required: move @champion whatever the evidence (recorded as forced)."),
+    workspace: Path = WORKSPACE,
+) -> None:
+    """Make a run's registered policy the @champion by hand (the pipeline's `promote` stage decides by itself)."""
+    from flows import env_defaults
+    from tasks.registry import force_promote
+
+    if not force:
+        typer.secho("promoting by hand overrides the pipeline's criteria: add --force to do it", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    root = workspace.resolve()
+    env_defaults.apply(root)
+    try:
+        new, previous = force_promote(root, _tracking(root), run_id)
+    except ValueError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"@champion -> version {new} (was {previous or 'none'}); recorded as forced")
 
 
 @data_app.command("inspect")

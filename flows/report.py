@@ -12,8 +12,10 @@ from rich.table import Table
 KEY_METRICS = ("gold_reward", "rm_score", "kl_per_token", "win_rate_vs_sft/gold", "win_rate_vs_sft/rm", "distinct_2")
 
 
-def _metrics(root: Path, stage: str) -> dict[str, Any]:
-    path = root / "metrics" / f"{stage}.json"
+def _metrics(result: dict[str, Any], stage: str) -> dict[str, Any]:
+    if "metrics" in result:  # collected by the flow (an isolated run's checkout is gone)
+        return result["metrics"].get(stage, {})
+    path = Path(result["workspace"]) / "metrics" / f"{stage}.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -24,7 +26,6 @@ def _console() -> Console:
 
 def print_run_summary(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or _console()
-    root = Path(result["workspace"])
     stages = Table(title="Stages")
     for col in ("stage", "status", "seconds"):
         stages.add_column(col)
@@ -32,11 +33,11 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
         stages.add_row(s["stage"], "ran" if s["ran"] else "up to date (skipped)", f"{s['seconds']:.1f}")
     console.print(stages)
 
-    prepare = _metrics(root, "prepare")
+    prepare = _metrics(result, "prepare")
     if "seconds/data" in prepare:
         console.print(f"data prepared in {prepare['seconds/data']:.2f}s, tokenizer trained in "
                       f"{prepare.get('seconds/tokenizer', 0.0):.2f}s (metrics/prepare.json)")
-    evaluation = _metrics(root, "evaluate")
+    evaluation = _metrics(result, "evaluate")
     if evaluation:
         table = Table(title="Policies on held-out prompts (metrics/evaluate.json)")
         table.add_column("policy")
@@ -47,13 +48,37 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
             table.add_row(policy, *(f"{evaluation[f'{policy}/{k}']:.3f}" if f"{policy}/{k}" in evaluation else "-" for k in present))
         console.print(table)
 
+    print_promotion(result, console)
     uri = result["tracking_uri"]
     console.print(f"\nMLflow parent run: [bold]{result['parent_run_id']}[/bold]")
     console.print("Where to look:")
-    console.print(f"  mlflow ui --backend-store-uri {uri}      # runs, curves, samples, registered model")
+    if uri.startswith(("http://", "https://")):
+        console.print(f"  {uri}      # MLflow: runs, curves, samples, registered model")
+    else:
+        console.print(f"  mlflow ui --backend-store-uri {uri}      # runs, curves, samples, registered model")
     console.print("  dvc metrics show                          # metrics/*.json of every stage")
     console.print("  dvc plots show                            # training curves -> dvc_plots/index.html")
     console.print(f"  DVC remote push: {result['push'] or 'nothing new'}")
+
+
+def print_promotion(result: dict[str, Any], console: Console) -> None:
+    """One line on what ``promote`` decided (or that it had nothing new to judge)."""
+    stage = next((s for s in result["stages"] if s["stage"] == "promote"), None)
+    if stage is None:
+        return
+    if not stage["ran"]:
+        console.print("promotion: nothing new to judge, @champion unchanged (`rlhf status` shows it)")
+        return
+    p = _metrics(result, "promote")
+    if not p:
+        return
+    colour = "green" if p.get("promoted") else "yellow"
+    evidence = (f"{p['policy']} vs the {p['against']} on {p['metric']}: win rate {p['win_rate']:.3f}, "
+                f"gain {p['mean_diff']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], KL {p['kl_per_token']:.3f}")
+    where = f" -> @champion is version {p['champion_version']}" if p.get("champion_version") else ""
+    console.print(f"promotion: [{colour}]{p['decision']}[/{colour}] ({evidence}){where}")
+    for reason in p.get("reasons") or []:
+        console.print(f"  - {reason}")
 
 
 def _fmt(value: Any) -> str:
@@ -91,4 +116,29 @@ def print_comparison(cmp: Any, console: Console | None = None) -> None:
     table.add_row("[bold]metrics[/bold]", *[""] * len(cmp.run_ids))
     for key, values in cmp.metrics.items():
         table.add_row(key, *(_fmt(v) for v in values))
+    console.print(table)
+
+
+def print_status(status: Any, console: Console | None = None) -> None:
+    """``rlhf status``: the champion and the recent runs' decisions."""
+    import datetime as dt
+
+    console = console or _console()
+    champion = status.champion
+    if champion is None:
+        console.print(f"model [bold]{status.model}[/bold]: no @champion yet (a run crowns one when its policy passes the gate)")
+    else:
+        tags = champion.tags
+        console.print(f"model [bold]{status.model}[/bold]: @champion is version [bold]{champion.version}[/bold] "
+                      f"({tags.get('policy', '?')}, pipeline run {tags.get('pipeline.run_id', '?')}, "
+                      f"decision: {tags.get('promotion.decision', '?')}, win rate {tags.get('promotion.win_rate', '-')} "
+                      f"against the {tags.get('promotion.against', '?')})")
+    table = Table(title="Recent pipeline runs")
+    for col in ("run", "started", "status", "mode", "promotion decision", "challenger", "champion after"):
+        table.add_column(col)
+    for run in status.runs:
+        t = run.data.tags
+        started = dt.datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+        table.add_row(run.info.run_id[:12], started, run.info.status, t.get("run.mode", "-"), t.get("promotion.decision", "-"),
+                      t.get("promotion.challenger_version", "-"), t.get("promotion.champion_version", "-"))
     console.print(table)

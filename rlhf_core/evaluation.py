@@ -93,3 +93,32 @@ def evaluate_policy(
     if gold is not None:
         metrics["gold_reward"] = sum(gold) / len(gold)
     return PolicyEvaluation(out.texts, rm_scores, gold, kl_seq, kl_tok, [int(n) for n in lengths], metrics)
+
+
+@torch.no_grad()
+def sample_responses(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+                     batch_size: int, seed: int) -> list[str]:
+    """One sampled response per prompt, as text (a policy with its own tokenizer, e.g. the champion in service)."""
+    return generate(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                    do_sample=True, batch_size=batch_size, seed=seed).texts
+
+
+@torch.no_grad()
+def score_responses(reward_model, tokenizer, prompt_ids: list[list[int]], responses: list[str], *, batch_size: int) -> list[float]:
+    """Reward-model scores of text responses, re-tokenised with the reward model's ``tokenizer``.
+
+    Responses of policies with different tokenizers are judged alike: prompt ids (the reward
+    model's encoding) + the response's tokens + EOS, as the reward model was trained.
+    """
+    from rlhf_core.data.collate import pad
+    from rlhf_core.data.tokenize import encode_completions
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sequences = [p + c for p, c in zip(prompt_ids, encode_completions(tokenizer, responses))]
+    scores: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start:start + batch_size]
+        ids = pad(batch, pad_id)  # (B, T), right-padded: scores are read at the last real token
+        mask = pad([[1] * len(s) for s in batch], 0)  # (B, T)
+        scores += sequence_scores(reward_model, ids.to(reward_model.device), mask.to(reward_model.device)).float().tolist()
+    return scores

@@ -22,8 +22,9 @@ class Comparison:
     metrics: dict[str, list[float | None]]
 
 
-def pipeline_runs(project_dir: Path, tracking: dict[str, Any] | None, *, run_ids: list[str] | None = None, last: int | None = None):
-    """The given parent runs, or the newest ``last`` finished parent runs of the experiment."""
+def pipeline_runs(project_dir: Path, tracking: dict[str, Any] | None, *, run_ids: list[str] | None = None, last: int | None = None,
+                  finished_only: bool = True):
+    """The given parent runs, or the newest ``last`` (finished) parent runs of the experiment."""
     from tasks.parent_run import tracking_client
     from tasks.tracking import DEFAULT_EXPERIMENT
 
@@ -34,7 +35,8 @@ def pipeline_runs(project_dir: Path, tracking: dict[str, Any] | None, *, run_ids
         if experiment is None:
             return []
         return client.search_runs(
-            [experiment.experiment_id], filter_string="tags.pipeline = 'rlhf' and attributes.status = 'FINISHED'",
+            [experiment.experiment_id],
+            filter_string="tags.pipeline = 'rlhf'" + (" and attributes.status = 'FINISHED'" if finished_only else ""),
             order_by=["attributes.start_time DESC"], max_results=last or 5,
         )
 

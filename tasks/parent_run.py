@@ -60,14 +60,30 @@ def open_parent_run(project_dir: Path, tracking: dict[str, Any] | None, *, run_n
         return run.info.run_id
 
 
+def run_tags(project_dir: Path, stages: list[dict[str, Any]] | None) -> dict[str, str]:
+    """Tags that say what this run used and decided: each data source's identity (``source.*``) and,
+    when ``promote`` had nothing new to judge, that the champion stayed (``promotion.*``)."""
+    import json
+
+    from tasks.sources import source_tags
+
+    tags: dict[str, str] = {}
+    ingest = project_dir / "metrics" / "ingest.json"
+    if ingest.is_file():
+        tags.update(source_tags(json.loads(ingest.read_text()).get("sources", {})))
+    if any(s["stage"] == "promote" and not s["ran"] for s in stages or []):
+        tags["promotion.decision"] = "unchanged: no new challenger (the policy and its inputs did not change)"
+    return tags
+
+
 def close_parent_run(project_dir: Path, tracking: dict[str, Any] | None, run_id: str, *, status: str,
-                     summary_tags: dict[str, str] | None = None) -> str:
+                     summary_tags: dict[str, str] | None = None, stages: list[dict[str, Any]] | None = None) -> str:
     """Log the summary (metrics, params.yaml, dvc.lock, tags) and end the run; returns the tracking URI."""
     with tracking_client(project_dir, tracking) as (client, uri):
         if status == "FINISHED":
             log_parent_summary(
                 run_id, metrics_dir=project_dir / "metrics", params_file=project_dir / "params.yaml",
-                lock_file=project_dir / "dvc.lock", extra_tags=summary_tags or {},
+                lock_file=project_dir / "dvc.lock", extra_tags={**run_tags(project_dir, stages), **(summary_tags or {})},
             )
         elif summary_tags:
             for key, value in summary_tags.items():

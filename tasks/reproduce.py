@@ -25,6 +25,8 @@ from tasks import dvc_ops
 from tasks.tracking import metrics_dir_values
 
 TIMING_KEYS = ("seconds",)
+INGEST = "ingest"  # snapshots the sources: a rebuild restores its output instead of re-reading them
+DECISIONS = ("promote",)  # decided against the registry of that day: reported as logged, not re-decided
 
 
 @dataclass
@@ -82,17 +84,6 @@ def _git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, check=True, text=True, capture_output=True).stdout.strip()
 
 
-def _remote_url(workspace: Path) -> tuple[str, str] | None:
-    """The workspace's default DVC remote (name, URL), local paths made absolute."""
-    name = dvc_ops.dvc(workspace, "remote", "default", check=False).stdout.strip()
-    if not name:
-        return None
-    url = dvc_ops.dvc(workspace, "config", f"remote.{name}.url").stdout.strip()
-    if "://" not in url and not Path(url).is_absolute():
-        url = str((workspace / ".dvc" / url).resolve())
-    return name, url
-
-
 def reproduce(workspace: Path, run_id: str, *, recompute: bool = False, tracking: dict[str, Any] | None = None,
               worktree: Path | None = None, echo=print) -> ReproduceReport:
     from tasks.parent_run import download_run_record
@@ -110,16 +101,24 @@ def reproduce(workspace: Path, run_id: str, *, recompute: bool = False, tracking
     _git(workspace, "worktree", "add", "--detach", str(worktree), commit)
     shutil.copy(record["params"], worktree / "params.yaml")
     shutil.copy(record["lock"], worktree / "dvc.lock")
-    remote = _remote_url(workspace)
-    if remote is not None:  # the same remote, also when the repo's config names it by a relative path
-        dvc_ops.dvc(worktree, "remote", "modify", "--local", remote[0], "url", remote[1])
+    # The same remote (also when named by a relative path); a cache of its own, so outputs come from the remote.
+    dvc_ops.share_cache_and_remote(workspace, worktree, share_cache=False)
     if recompute:
         echo("[reproduce] recomputing every stage (dvc repro --force)")
         # Stage runs of the rebuild are tracked in the worktree's own MLflow store, apart from the original.
         env = {"RLHF_WORKSPACE": str(worktree), "MLFLOW_TRACKING_URI": f"sqlite:///{worktree / 'mlflow.db'}"}
         for stage in dvc_ops.stage_order(worktree):
+            if stage == INGEST:  # the data the run used, not what the source holds today
+                echo("[reproduce] restoring the run's data snapshot from the DVC remote")
+                dvc_ops.dvc(worktree, "pull", INGEST)
+                continue
+            if stage in DECISIONS:
+                continue
             dvc_ops.repro_stage(worktree, stage, force=True, echo=echo, env=env)
         outputs_match = lock_out_hashes(worktree / "dvc.lock") == lock_out_hashes(Path(record["lock"]))
+        for path in record["metrics"]:
+            if Path(path).stem in (INGEST, *DECISIONS):
+                shutil.copy(path, worktree / "metrics" / Path(path).name)
     else:
         echo("[reproduce] pulling outputs from the DVC remote")
         dvc_ops.dvc(worktree, "pull")

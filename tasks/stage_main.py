@@ -70,7 +70,8 @@ def limit_cpu_threads() -> int:
     return threads
 
 
-def stage_main(stage: str, run: StageFn) -> None:
+def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
+    """Run ``stage`` as a process; ``torch_threads=False`` for stages that never touch torch (no import cost)."""
     from rlhf_core.data.formats import DataFormatError
     from rlhf_core.data.loading import DataLoadError
     from tasks.tracking import stage_run
@@ -78,7 +79,8 @@ def stage_main(stage: str, run: StageFn) -> None:
     import datasets
 
     datasets.disable_progress_bars()  # per-map bars drown the training log in Prefect/CI output
-    limit_cpu_threads()
+    if torch_threads:
+        limit_cpu_threads()
     ws = Workspace.here()
     started = time.perf_counter()
     from tasks.launch import is_main_process

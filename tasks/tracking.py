@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
-    from mlflow.entities.model_registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +51,6 @@ METRICS_PER_BATCH = 1000  # MLflow's limit on metrics per log_batch request
 PARAM_VALUE_LIMIT = 6000  # MLflow 3.x param value limit (it was 500 before MLflow 2.3 / 250 before 1.x)
 FLUSH_EVERY = 200  # buffered metric values that trigger a log_batch
 
-# What a logged model needs to be served; explicit, else MLflow infers torchvision (STACK-NOTES).
-MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
 
 # --------------------------------------------------------------------------- where runs go
@@ -245,6 +242,13 @@ class StageTracker:
         self.log_fn(metrics, 0 if step is None else step)
         self.flush()
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[start:start + PARAMS_PER_BATCH])
+
     # files
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -359,77 +363,6 @@ def stage_run(
             mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
         mlflow.end_run(status="FINISHED")
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def _requirement(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"{package}=={version(package).split('+')[0]}"  # drop local tags such as +cpu
-    except PackageNotFoundError:
-        return package
-
-
-@contextmanager
-def _active(run_id: str) -> Iterator[None]:
-    """Make ``run_id`` MLflow's active run for the block, leaving its status as it was.
-
-    ``mlflow.transformers.log_model`` logs into the active run only. When ``run_id`` is
-    already active (called inside :func:`stage_run`) nothing changes; otherwise the run is
-    resumed and its previous status restored (a parent run may still be RUNNING elsewhere).
-    """
-    import mlflow
-    from mlflow import MlflowClient
-
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        yield
-        return
-    client = MlflowClient()
-    status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id, nested=active is not None):
-        yield
-    if status != "FINISHED":
-        client.update_run(run_id, status=status)
-
-
-def _model_card(name: str, tags: Mapping[str, Any]) -> Any:
-    """A Hugging Face model card naming the model's lineage (shown with the logged model)."""
-    from huggingface_hub import ModelCard
-
-    lines = "\n".join(f"- `{k}`: `{v}`" for k, v in tags.items())
-    return ModelCard(f"---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n\n# {name}\n\nLineage:\n{lines}\n")
-
-
-def register_model(
-    run_id: str, model: Any, tokenizer: Any, name: str, tags: Mapping[str, Any], *, alias: str | None = "candidate"
-) -> ModelVersion:
-    """Log an in-memory causal LM + tokenizer into run ``run_id`` and register it as ``name``.
-
-    Logged with ``mlflow.transformers.log_model`` (task ``text-generation``, explicit pip
-    requirements; objects, not a checkpoint path, which crashes with transformers 5.23).
-    ``tags`` (lineage: git commit, data digest, params hash, ...) go on the model version,
-    ``alias`` (if any) points at it. Uses the current tracking URI (set by :func:`stage_run`).
-    """
-    import mlflow
-    import mlflow.transformers
-    from mlflow import MlflowClient
-
-    with _active(run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            name="model",
-            task="text-generation",
-            pip_requirements=[_requirement(p) for p in MODEL_REQUIREMENTS],
-            model_card=_model_card(name, tags),  # else MLflow asks the hub for one
-        )
-    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    if alias:
-        MlflowClient().set_registered_model_alias(name, alias, version.version)
-    return version
 
 
 # --------------------------------------------------------------------------- the parent run's summary

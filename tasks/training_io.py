@@ -29,7 +29,7 @@ def base_causal_lm(params: dict[str, Any], tokenizer, seed: int):
     """The starting model of SFT: ``model.name_or_path``, or a tiny model built from scratch."""
     from rlhf_core.models import TinyModelConfig, build_tiny_causal_lm, load_causal_lm
     from tasks.params import typed
-    from tasks.prepare import ModelConfig
+    from tasks.model_config import ModelConfig
 
     cfg = typed(params, "model", ModelConfig)
     if cfg.name_or_path is None:
@@ -149,3 +149,12 @@ def run_training_stage(
     write_json(ws.metrics(stage), metrics)
     shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
+
+
+def gold_reward_fn(ws: Workspace):
+    """The synthetic task's gold reward when the prepared data is the synthetic task, else ``None``."""
+    if not (ws.prepared / "task.json").exists():
+        return None
+    from rlhf_core.synthetic import GoldReward
+
+    return GoldReward()

@@ -24,6 +24,11 @@ class Workspace:
 
     # data
     @property
+    def sources(self) -> Path:
+        """Snapshots of the configured data sources (``tasks.ingest``), read by ``prepare``."""
+        return self.root / "data" / "sources"
+
+    @property
     def prepared(self) -> Path:
         return self.root / "data" / "prepared"
 

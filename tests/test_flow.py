@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.dvc_ops import status_clean
 from tests.workspace_factory import make_workspace, run
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,7 @@ def test_second_run_skips_every_stage_and_dvc_has_nothing_to_do(flow_ws, first_r
 
     result = alignment_flow(workspace=str(flow_ws))
     assert not any(s["ran"] for s in result["stages"])
-    assert run(["dvc", "status", "--json"], flow_ws).stdout.strip() in ("{}", "")
+    assert status_clean(flow_ws)
 
 
 def test_override_reruns_only_the_affected_stages(flow_ws, first_run):
@@ -145,7 +146,7 @@ def test_a_failing_stage_fails_the_flow_names_it_and_keeps_earlier_outputs(flow_
     run(["git", "checkout", "--", "params.yaml", "metrics"], flow_ws)
     run(["dvc", "checkout"], flow_ws)
     assert list((flow_ws / "models" / "reward").glob("*.safetensors"))
-    assert run(["dvc", "status", "--json"], flow_ws).stdout.strip() in ("{}", "")
+    assert status_clean(flow_ws)
 
 
 # --- deployments on a real `prefect server start` ---------------------------------------------
@@ -214,4 +215,4 @@ def test_deployments_register_with_schedules_and_a_process_worker_runs_the_pipel
     _prefect(["worker", "start", "--pool", "cpu", "--run-once"], env, flow_ws, timeout=400)
     state = api.get(f"/flow_runs/{flow_run['id']}").json()["state"]
     assert state["type"] == "COMPLETED", state
-    assert run(["dvc", "status", "--json"], flow_ws).stdout.strip() in ("{}", "")
+    assert status_clean(flow_ws)

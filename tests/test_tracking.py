@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.registry import register_model
 from tasks.tracking import (
     PARAM_VALUE_LIMIT,
     PARENT_RUN_ENV,
@@ -17,7 +18,6 @@ from tasks.tracking import (
     git_info,
     log_parent_summary,
     params_hash,
-    register_model,
     resolve_tracking_uri,
     stage_run,
 )
@@ -277,13 +277,13 @@ def test_register_model_round_trip(client, tmp_path):
     with stage_run("evaluate", {}, project_dir=tmp_path, tracking=EXPERIMENT) as tracker:
         version = register_model(tracker.run_id, model, tokenizer, "test-policy", lineage)
 
-    stored = client.get_model_version_by_alias("test-policy", "candidate")
+    stored = client.get_model_version_by_alias("test-policy", "challenger")
     assert stored.version == version.version
     assert stored.run_id == tracker.run_id
     assert {k: stored.tags[k] for k in lineage} == lineage
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
-    loaded = mlflow.transformers.load_model("models:/test-policy@candidate", return_type="components")
+    loaded = mlflow.transformers.load_model("models:/test-policy@challenger", return_type="components")
     ids = tokenizer("a b + c =", return_tensors="pt").input_ids
     assert loaded["tokenizer"]("a b + c =", return_tensors="pt").input_ids.tolist() == ids.tolist()
     with torch.no_grad():

@@ -1,0 +1,222 @@
+"""Stage ``promote``: register the new policy and move ``@champion`` to it only when it wins.
+
+The challenger (``promote.policy``, default DPO) and the registry's current ``@champion`` answer
+the same held-out prompts in this run, with the ``evaluate`` group's sampling, and are judged
+by this run's judge (``promote.metric``: the gold reward where the task has one, else this run's
+reward model), since the data may have changed since the champion was crowned. Each policy
+uses its own tokenizer; responses are judged as text. ``rlhf_core.promotion.decide`` applies
+the criteria (paired win rate, significance, KL budget). Without a champion the challenger is
+compared with this run's SFT reference instead (the absolute gate for the first crown).
+
+The challenger is registered as a new version (alias ``@challenger``) with its lineage, the
+decision and its evidence as tags; ``@champion`` moves only on a win. Outputs:
+``metrics/promote.json`` and ``reports/promote/decision.md`` (also on the stage run and the
+pipeline's parent run, whose tags ``promotion.*`` give the decision at a glance).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tasks.heldout import EvaluateConfig, context_length, held_out_prompts
+from tasks.params import typed
+from tasks.workspace import Workspace, write_json
+
+STAGE = "promote"
+
+
+@dataclass
+class PromoteConfig:
+    """The ``promote`` group of ``params.yaml`` (the criteria: ``rlhf_core.promotion.PromotionCriteria``)."""
+
+    policy: Literal["dpo", "ppo", "sft"] = "dpo"
+    """The challenger: the trained policy that would go into service."""
+    metric: Literal["auto", "gold_reward", "rm_score"] = "auto"
+    """What "better" means; ``auto``: the gold reward where the task has one, else the reward model's score."""
+    min_win_rate: float = 0.5
+    confidence: float = 0.95
+    test: Literal["bootstrap", "sign"] = "bootstrap"
+    max_kl: float | None = None
+    n_bootstrap: int = 2000
+    register: bool = True
+    """False: decide and report only (nothing is registered, no alias moves)."""
+
+    def criteria(self, seed: int):
+        from rlhf_core.promotion import PromotionCriteria
+
+        return PromotionCriteria(min_win_rate=self.min_win_rate, confidence=self.confidence, test=self.test,
+                                 max_kl=self.max_kl, n_bootstrap=self.n_bootstrap, seed=seed)
+
+    def __post_init__(self) -> None:
+        self.criteria(0)  # the criteria's own checks, at config time
+
+
+def _judge(metric: str, gold_fn, reward_model, tokenizer, prompt_ids: list[list[int]], prompts: list[str], batch_size: int):
+    """Per-prompt scores of text responses, by the gold reward or this run's reward model."""
+    from rlhf_core.evaluation import score_responses
+
+    if metric == "gold_reward":
+        return lambda responses: gold_fn(prompts, responses)
+    return lambda responses: score_responses(reward_model, tokenizer, prompt_ids, responses, batch_size=batch_size)
+
+
+def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
+    import torch
+
+    from rlhf_core.data.tokenize import encode_prompts
+    from rlhf_core.evaluation import evaluate_policy, sample_responses
+    from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer as load_tokenizer_from
+    from rlhf_core.promotion import decide
+    from tasks.registry import CHAMPION, downloaded_model, version_by_alias
+    from tasks.stage_main import StageError
+    from tasks.training_io import gold_reward_fn, load_tokenizer
+
+    cfg = typed(params, STAGE, PromoteConfig)
+    ev = typed(params, "evaluate", EvaluateConfig)
+    started = time.perf_counter()
+    gold_fn = gold_reward_fn(ws)
+    metric = ("gold_reward" if gold_fn is not None else "rm_score") if cfg.metric == "auto" else cfg.metric
+    if metric == "gold_reward" and gold_fn is None:
+        raise StageError("promote.metric is gold_reward, but this task has no gold reward (use rm_score or auto)")
+    torch.manual_seed(ev.seed)
+    tokenizer = load_tokenizer(ws)
+    reference = load_causal_lm(str(ws.model("sft"))).eval()
+    held = held_out_prompts(ws, ev, tokenizer, context_length(reference))
+    reward_model = load_reward_model(str(ws.model("reward"))).eval()
+    judge = _judge(metric, gold_fn, reward_model, tokenizer, held.ids, held.prompts, ev.batch_size)
+    sampling = dict(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed)
+
+    challenger = load_causal_lm(str(ws.model(cfg.policy))).eval()
+    own = evaluate_policy(challenger, reference, reward_model, tokenizer, held.prompts, held.ids, gold_fn=gold_fn, **sampling)
+    challenger_scores = judge(own.responses)
+
+    name = (params.get("tracking") or {}).get("registered_model") or "rlhf-policy"
+    client, uri = _client(params, ws)
+    champion = version_by_alias(client, name, CHAMPION) if client is not None else None
+    if champion is not None:
+        with downloaded_model(uri, name, champion.version) as (model_dir, tokenizer_dir):
+            champ_tok = load_tokenizer_from(str(tokenizer_dir))
+            champ_model = load_causal_lm(str(model_dir)).eval()
+            champ_ids = encode_prompts(champ_tok, held.prompts, held.messages)
+            baseline_scores = judge(sample_responses(champ_model, champ_tok, champ_ids, **sampling))
+        against = "champion"
+    else:  # the first crown: the absolute gate against this run's SFT reference
+        baseline_scores = judge(sample_responses(reference, tokenizer, held.ids, **sampling))
+        against = "reference"
+    decision = decide(challenger_scores, baseline_scores, own.metrics["kl_per_token"], cfg.criteria(ev.seed), against=against)
+
+    record = {
+        "metric": metric, "policy": cfg.policy, "against": against, "promoted": int(decision.promote),
+        "decision": "promoted" if decision.promote else "kept",
+        "reasons": decision.reasons, "n_prompts": decision.n, "win_rate": decision.win_rate,
+        "mean_diff": decision.mean_diff, "ci_low": decision.ci_low, "ci_high": decision.ci_high,
+        "p_value": decision.p_value, "kl_per_token": decision.kl,
+        "challenger_score": sum(challenger_scores) / len(challenger_scores),
+        "baseline_score": sum(baseline_scores) / len(baseline_scores),
+        "previous_champion": champion.version if champion is not None else None,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if tracker is not None and cfg.register:
+        record.update(_register(params, ws, tracker, client, name, cfg.policy, tokenizer, record))
+    report = ws.reports(STAGE) / "decision.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(decision_report(record, cfg, name))
+    write_json(ws.metrics(STAGE), record)
+    print(f"[promote] {record['decision']}: " + ("; ".join(decision.reasons) or f"{cfg.policy} beats the {against}"), flush=True)
+    if tracker is not None:
+        tracker.log_artifact(report)
+        _tag_parent(client, report, record)
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _client(params: dict[str, Any], ws: Workspace):
+    from mlflow import MlflowClient
+
+    from tasks.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri((params.get("tracking") or {}).get("uri"), ws.root)
+    return MlflowClient(uri), uri
+
+
+def _register(params, ws: Workspace, tracker, client, name: str, policy: str, tokenizer, record: dict) -> dict[str, Any]:
+    """Register the challenger (``@challenger``); on a win, point ``@champion`` at it. Returns the version facts."""
+    from rlhf_core.models import load_causal_lm
+    from tasks.registry import CHAMPION, register_model, set_alias, tag_version
+    from tasks.tracking import PARENT_RUN_ENV, dvc_md5, git_info, params_hash
+
+    git = git_info(ws.root)
+    lineage = {
+        "policy": policy, "git.commit": str(git.get("commit")), "git.dirty": str(git.get("dirty")),
+        "data.digest": dvc_md5(ws.prepared), "params.hash": params_hash(params),
+        "pipeline.run_id": os.environ.get(PARENT_RUN_ENV, "") or tracker.run_id,
+    }
+    version = register_model(tracker.run_id, load_causal_lm(str(ws.model(policy))), tokenizer, name, lineage)
+    tag_version(client, name, version.version, {
+        "promotion.decision": record["decision"], "promotion.against": record["against"],
+        "promotion.metric": record["metric"], "promotion.win_rate": f"{record['win_rate']:.4f}",
+        "promotion.ci_low": f"{record['ci_low']:.4f}", "promotion.reasons": "; ".join(record["reasons"]) or "-",
+        "promotion.previous_champion": record["previous_champion"] or "-",
+    })
+    if record["promoted"]:
+        set_alias(client, name, CHAMPION, version.version)
+    return {"challenger_version": version.version,
+            "champion_version": version.version if record["promoted"] else record["previous_champion"]}
+
+
+def _tag_parent(client, report, record: dict[str, Any]) -> None:
+    """The decision at a glance on the pipeline's parent run (when the flow runs this stage)."""
+    from tasks.tracking import PARENT_RUN_ENV
+
+    parent = os.environ.get(PARENT_RUN_ENV, "").strip()
+    if not parent:
+        return
+    for key, value in promotion_tags(record).items():
+        client.set_tag(parent, key, value)
+    client.log_artifact(parent, str(report), "promotion")
+
+
+def promotion_tags(record: dict[str, Any]) -> dict[str, str]:
+    tags = {"promotion.decision": record["decision"], "promotion.against": record["against"],
+            "promotion.win_rate": f"{record['win_rate']:.4f}", "promotion.reasons": "; ".join(record["reasons"]) or "-"}
+    for key in ("challenger_version", "champion_version", "previous_champion"):
+        if record.get(key):
+            tags[f"promotion.{key}"] = str(record[key])
+    return tags
+
+
+def decision_report(record: dict[str, Any], cfg: PromoteConfig, name: str) -> str:
+    """A page a person reads: the decision, the evidence, the criteria."""
+    verdict = "PROMOTED to @champion" if record["promoted"] else "KEPT the current champion" if record["against"] == "champion" \
+        else "NOT CROWNED (no champion yet)"
+    lines = [
+        f"# Promotion decision: {verdict}", "",
+        f"- model: `{name}`; challenger: `{cfg.policy}`" + (f" (version {record['challenger_version']})" if record.get("challenger_version") else ""),
+        f"- compared with: the {record['against']}" + (f" (version {record['previous_champion']})" if record["previous_champion"] else " (this run's SFT policy: first crown)"),
+        f"- judge: `{record['metric']}` on {record['n_prompts']} held-out prompts, both policies sampled in this run", "",
+        "| evidence | value | criterion |", "|---|---|---|",
+        f"| paired win rate | {record['win_rate']:.3f} | >= {cfg.min_win_rate} |",
+        f"| mean gain (challenger − {record['against']}) | {record['mean_diff']:+.4f} | |",
+        f"| bootstrap interval of the gain ({cfg.confidence:.0%} one-sided bounds) | [{record['ci_low']:+.4f}, {record['ci_high']:+.4f}] | "
+        + (f"lower > 0 ({cfg.test})" if cfg.confidence > 0 else "off") + " |",
+        f"| sign-test p-value | {record['p_value']:.4f} | " + (f"< {1 - cfg.confidence:.3f} (sign)" if cfg.test == "sign" else "reported") + " |",
+        f"| KL to the reference (nats/token) | {record['kl_per_token']:.4f} | " + (f"<= {cfg.max_kl}" if cfg.max_kl is not None else "no budget") + " |",
+        f"| mean score: challenger / {record['against']} | {record['challenger_score']:.4f} / {record['baseline_score']:.4f} | |",
+        "",
+    ]
+    if record["reasons"]:
+        lines += ["Why not:", *[f"- {r}" for r in record["reasons"]], ""]
+    lines.append("Override: `rlhf promote <PIPELINE_RUN_ID> --force` (recorded as forced).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from tasks.stage_main import stage_main
+
+    stage_main(STAGE, run)
+
+
+if __name__ == "__main__":
+    main()
