@@ -1,4 +1,5 @@
-"""Training losses as pure functions on tensors: SFT, reward model (Bradley–Terry) and the DPO family.
+"""Training losses as pure functions on tensors: SFT, reward model (Bradley–Terry), the DPO family, KTO (unpaired
+desirable/undesirable labels) and the reference-free ORPO and SimPO.
 
 No model calls here: log-probs come from :mod:`rlhf_core.logprobs`, rewards from the reward model's head.
 Each function states its tensor shapes and the equation it implements.
@@ -9,6 +10,7 @@ selects one by name instead of branching on strings; a new variant is one functi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from rlhf_core.logprobs import selective_log_softmax
 
-__all__ = ["DPO_LOSSES", "DPOLossFn", "dpo_loss", "reward_loss", "sft_loss"]
+__all__ = ["DPO_LOSSES", "DPOLossFn", "dpo_loss", "kto_loss", "orpo_loss", "reward_loss", "sft_loss", "simpo_loss"]
 
 DPOLossFn = Callable[[Tensor, float, float], Tensor]
 """``(logits=Δ (B,), beta=β, label_smoothing=ε) -> per-pair losses (B,)``."""
@@ -178,3 +180,122 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()  # (B,)
     rejected_rewards = beta * rejected_logratios.detach()  # (B,)
     return losses, chosen_rewards, rejected_rewards
+
+
+# ------------------------------------------------------------------------------------- KTO, ORPO, SimPO
+
+
+def _check_pair(fn: str, **tensors: Tensor) -> None:
+    """Raise unless every tensor is ``(B,)`` with the same ``B``."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1 or next(iter(tensors.values())).ndim != 1:
+        raise ValueError(f"{fn}: all inputs must be (B,) with the same B; got {shapes}")
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor | float,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Kahneman–Tversky Optimisation on unpaired, labelled completions (Ethayarajh et al. 2024, §4).
+
+    With the implied reward ``r = log π_θ(y|x) − log π_ref(y|x)`` and the reference point ``z₀ = KL`` (an
+    estimate of KL(π_θ ‖ π_ref) over mismatched prompt/completion pairs, clamped at 0 and not differentiated):
+    desirable ``y``: ``w_d·(1 − σ(β(r − z₀)))``; undesirable ``y``: ``w_u·(1 − σ(β(z₀ − r)))``.
+
+    Args:
+        policy_logps: ``(B,)`` summed completion log-probs ``log π_θ(y|x)``.
+        ref_logps: ``(B,)`` the same under the reference.
+        desirable: ``(B,)`` bool (or 0/1): True where ``y`` is a desirable completion.
+        kl: scalar ``z₀`` the caller estimates (TRL: batch mean of ``log π_θ − log π_ref`` on shifted pairs).
+        beta: ``β > 0``.
+        desirable_weight: ``w_d ≥ 0`` (the paper balances ``w_d·n_d`` against ``w_u·n_u``).
+        undesirable_weight: ``w_u ≥ 0``.
+
+    Returns:
+        ``(losses, rewards)``, each ``(B,)`` in input order; ``rewards = β·r`` detached, for logging.
+    """
+    _check_pair("kto_loss", policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
+    if desirable.is_floating_point():
+        raise ValueError(f"kto_loss: desirable must be bool or 0/1 integers, got dtype {desirable.dtype}")
+    if not beta > 0:
+        raise ValueError(f"kto_loss: beta must be > 0, got {beta}")
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError(f"kto_loss: weights must be >= 0, got {desirable_weight}, {undesirable_weight}")
+    z0 = torch.as_tensor(kl, dtype=policy_logps.dtype, device=policy_logps.device).detach()
+    if z0.numel() != 1:
+        raise ValueError(f"kto_loss: kl must be a scalar, got shape {tuple(z0.shape)}")
+    z0 = z0.reshape(()).clamp(min=0)  # the reference point; a negative estimate is sampling noise
+    logratios = policy_logps - ref_logps  # (B,) r
+    good = desirable.bool()  # (B,)
+    # 1 − σ(x) written as σ(−x): exact in the tail where 1 − σ(x) rounds to 0.
+    losses = torch.where(
+        good,
+        desirable_weight * torch.sigmoid(-beta * (logratios - z0)),
+        undesirable_weight * torch.sigmoid(-beta * (z0 - logratios)),
+    )  # (B,)
+    return losses, beta * logratios.detach()
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 − eˣ)`` for ``x ≤ 0`` without cancellation (Mächler 2012): ``log(−expm1(x))`` near 0,
+    ``log1p(−eˣ)`` below ``−ln 2``."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float) -> tuple[Tensor, Tensor]:
+    """ORPO's odds-ratio term (Hong et al. 2024, Eq. 6–7), on length-averaged log-probs.
+
+    ``odds(y|x) = P/(1 − P)`` with ``log P = c`` (chosen) or ``r`` (rejected), so
+    ``log OR = (c − r) − (log(1 − eᶜ) − log(1 − eʳ))`` and the per-pair loss is ``−β·log σ(log OR)``
+    (β is the paper's λ). The trainer adds the chosen responses' NLL: ``L = L_SFT + mean(losses)``.
+
+    Args:
+        chosen_logps: ``(B,)`` mean per-token ``log π_θ`` of the chosen completions (``< 0``).
+        rejected_logps: ``(B,)`` the same for the rejected ones.
+        beta: ``β > 0``, weight of the odds-ratio term.
+
+    Returns:
+        ``(losses, log_odds)``, each ``(B,)``; ``log_odds`` detached, for logging.
+    """
+    _check_pair("orpo_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps)
+    if not beta > 0:
+        raise ValueError(f"orpo_loss: beta must be > 0, got {beta}")
+    if bool((chosen_logps > 0).any() or (rejected_logps > 0).any()):
+        raise ValueError("orpo_loss: log-probs must be <= 0 (pass length-averaged log π, not logits)")
+    log_odds = (chosen_logps - rejected_logps) - (_log1mexp(chosen_logps) - _log1mexp(rejected_logps))  # (B,)
+    return -beta * F.logsigmoid(log_odds), log_odds.detach()
+
+
+def simpo_loss(
+    chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float, gamma: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """SimPO (Meng et al. 2024, Eq. 6): a reference-free margin loss on length-averaged log-probs.
+
+    ``z = (c − r) − γ/β``, ``L = −(1−ε)·log σ(βz) − ε·log σ(−βz)``: the implicit reward is
+    ``β·(1/|y|)·log π_θ(y|x)`` and the chosen must win by at least ``γ``; ``ε`` is cDPO-style label smoothing.
+
+    Args:
+        chosen_logps: ``(B,)`` mean per-token ``log π_θ`` of the chosen completions.
+        rejected_logps: ``(B,)`` the same for the rejected ones.
+        beta: ``β > 0`` (the paper uses 2–10).
+        gamma: target reward margin ``γ ≥ 0``.
+        label_smoothing: ``ε ∈ [0, 0.5)``.
+
+    Returns:
+        ``(B,)`` per-pair losses.
+    """
+    _check_pair("simpo_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps)
+    if not beta > 0:
+        raise ValueError(f"simpo_loss: beta must be > 0, got {beta}")
+    if gamma < 0:
+        raise ValueError(f"simpo_loss: gamma must be >= 0, got {gamma}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"simpo_loss: label_smoothing must satisfy 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    z = (chosen_logps - rejected_logps) - gamma / beta  # (B,)
+    return -(1 - label_smoothing) * F.logsigmoid(beta * z) - label_smoothing * F.logsigmoid(-beta * z)

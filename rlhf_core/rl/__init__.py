@@ -26,25 +26,40 @@ Implementation details:
 8. β fixed or adapted toward a target KL with a clipped proportional controller
    (``FixedKLController``, ``AdaptiveKLController``; Ziegler et al. 2019 §2.2), with
    ``state_dict`` for resume.
+
+Critic-free group methods live in ``rlhf_core.rl.group``: GRPO and RLOO advantages from ``k``
+samples per prompt and GRPO's clipped loss with its token aggregations (see that module).
 """
 
 from rlhf_core.rl.gae import compute_gae
+from rlhf_core.rl.group import (
+    GROUP_SCALES,
+    GRPO_LOSS_TYPES,
+    group_advantages,
+    grpo_loss,
+    rloo_advantages,
+)
 from rlhf_core.rl.kl_control import AdaptiveKLController, FixedKLController, KLController
 from rlhf_core.rl.masked import masked_mean, masked_var, masked_whiten
 from rlhf_core.rl.ppo_losses import ppo_policy_loss, ppo_value_loss
 from rlhf_core.rl.rewards import KL_ESTIMATORS, compute_rewards, kl_penalty
 
 __all__ = [
+    "GROUP_SCALES",
+    "GRPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "AdaptiveKLController",
     "FixedKLController",
     "KLController",
     "compute_gae",
     "compute_rewards",
+    "group_advantages",
+    "grpo_loss",
     "kl_penalty",
     "masked_mean",
     "masked_var",
     "masked_whiten",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "rloo_advantages",
 ]
