@@ -4,6 +4,13 @@ By default the synthetic task (``rlhf_core.synthetic``) is generated; configured
 (any file, folder, ``s3://`` URI or hub name the data layer accepts, in any supported
 format) replace it. Writes ``data/prepared/{sft_train,sft_test,pref_train,pref_test,prompts}.jsonl``,
 ``data/tokenizer/`` and ``metrics/prepare.json``.
+
+Every source is cleaned row by row (``rlhf_core.data.cleaning``). With ``invalid_rows: drop``
+invalid rows are left out and written to ``data/prepared/quarantine.jsonl`` (source file, row,
+rule, raw record); ``data/prepared/invalid_rows.json`` holds the counts per source and rule,
+which the ``validate`` gate checks against ``validate.max_invalid_fraction``. With ``fail`` the
+stage stops at the first source with an invalid row and writes nothing. Every prepared row keeps
+its ``source_file``/``source_row``/``source_unit``, so later reports name the row in its file.
 """
 
 from __future__ import annotations
@@ -50,8 +57,12 @@ class PrepareConfig:
     """Share of a configured dataset held out for evaluation (the synthetic task has its own splits)."""
     max_rows: int | None = None
     """Keep at most this many rows per configured dataset (after shuffling), for quick trials."""
+    invalid_rows: str = "drop"
+    """Rows breaking a cleaning rule: ``drop`` (quarantine, count, go on) or ``fail`` (stop the stage)."""
 
     def __post_init__(self) -> None:
+        if self.invalid_rows not in ("drop", "fail"):
+            raise ValueError(f"invalid_rows must be 'drop' or 'fail', got {self.invalid_rows!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.max_rows is not None and self.max_rows < 2:
@@ -72,11 +83,28 @@ class ModelConfig:
     """``rlhf_core.models.TinyModelConfig`` fields for the from-scratch model."""
 
 
-def _load_normalised(source: str, kind: str, fmt: str):
-    from rlhf_core.data.formats import normalize
-    from rlhf_core.data.loading import load_records
+QUARANTINE = "quarantine.jsonl"
+INVALID_ROWS = "invalid_rows.json"
 
-    return normalize(load_records(source), kind=kind, format=fmt)
+
+@dataclass
+class Cleaning:
+    """The ``invalid_rows`` policy, and what cleaning found in each source read so far."""
+
+    policy: str
+    results: list[Any] = field(default_factory=list)
+    """``rlhf_core.data.cleaning.CleanResult`` per source, in reading order."""
+
+
+def _load_normalised(source: str, kind: str, fmt: str, cleaning: Cleaning, source_name: str | None = None):
+    """Source rows normalised and cleaned (with source columns); ``source_name`` is what reports call it."""
+    from rlhf_core.data.cleaning import load_clean
+
+    result = load_clean(source, kind, fmt, policy=cleaning.policy, source_name=source_name)
+    cleaning.results.append(result)
+    if result.invalid:
+        print(f"[prepare] {result.report()}")
+    return result.dataset
 
 
 def _split(ds, test_fraction: float, seed: int, max_rows: int | None):
@@ -88,11 +116,13 @@ def _split(ds, test_fraction: float, seed: int, max_rows: int | None):
 
 
 def build_splits(cfg: PrepareConfig, scratch: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The five normalised splits, and facts about them (sources, formats, synthetic task info)."""
+    """The five normalised splits, and facts about them (synthetic task info; ``cleaning``: a ``Cleaning``)."""
+    from rlhf_core.data.rows import SOURCE_COLUMNS
     from rlhf_core.synthetic import generate_task
 
     info: dict[str, Any] = {}
     splits: dict[str, Any] = {}
+    cleaning = Cleaning(cfg.invalid_rows)
     synthetic_dir = scratch / "synthetic"
     if cfg.sft_data is None or cfg.preference_data is None:
         syn = cfg.synthetic
@@ -101,26 +131,30 @@ def build_splits(cfg: PrepareConfig, scratch: Path) -> tuple[dict[str, Any], dic
             n_pref_test=syn.n_pref_test, n_prompts=syn.n_prompts, temperature=syn.temperature,
         )
     if cfg.sft_data is None:
-        sft = _load_normalised(str(synthetic_dir / "sft.jsonl"), "sft", "prompt_completion")
+        sft = _load_normalised(str(synthetic_dir / "sft.jsonl"), "sft", "prompt_completion", cleaning, "synthetic/sft.jsonl")
         splits["sft_train"], splits["sft_test"] = _split(sft, cfg.test_fraction, cfg.seed, None)
     else:
         splits["sft_train"], splits["sft_test"] = _split(
-            _load_normalised(cfg.sft_data, "sft", cfg.sft_format), cfg.test_fraction, cfg.seed, cfg.max_rows
+            _load_normalised(cfg.sft_data, "sft", cfg.sft_format, cleaning, cfg.sft_data),
+            cfg.test_fraction, cfg.seed, cfg.max_rows,
         )
     if cfg.preference_data is None:
-        splits["pref_train"] = _load_normalised(str(synthetic_dir / "preferences_train.jsonl"), "preference", "prompt_chosen_rejected")
-        splits["pref_test"] = _load_normalised(str(synthetic_dir / "preferences_test.jsonl"), "preference", "prompt_chosen_rejected")
+        for split, file in (("pref_train", "preferences_train.jsonl"), ("pref_test", "preferences_test.jsonl")):
+            splits[split] = _load_normalised(
+                str(synthetic_dir / file), "preference", "prompt_chosen_rejected", cleaning, f"synthetic/{file}"
+            )
     else:
         splits["pref_train"], splits["pref_test"] = _split(
-            _load_normalised(cfg.preference_data, "preference", cfg.preference_format),
+            _load_normalised(cfg.preference_data, "preference", cfg.preference_format, cleaning, cfg.preference_data),
             cfg.test_fraction, cfg.seed, cfg.max_rows,
         )
     if cfg.prompt_data is not None:
-        splits["prompts"] = _load_normalised(cfg.prompt_data, "prompt", cfg.prompt_format)
+        splits["prompts"] = _load_normalised(cfg.prompt_data, "prompt", cfg.prompt_format, cleaning, cfg.prompt_data)
     elif cfg.preference_data is None:
-        splits["prompts"] = _load_normalised(str(synthetic_dir / "prompts.jsonl"), "prompt", "auto")
+        splits["prompts"] = _load_normalised(str(synthetic_dir / "prompts.jsonl"), "prompt", "auto", cleaning, "synthetic/prompts.jsonl")
     else:
-        splits["prompts"] = splits["pref_test"].select_columns(["prompt", "prompt_messages"])
+        splits["prompts"] = splits["pref_test"].select_columns(["prompt", "prompt_messages", *SOURCE_COLUMNS])
+    info["cleaning"] = cleaning
     return splits, info
 
 
@@ -158,6 +192,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
             splits[name].to_json(staging / "prepared" / f"{name}.jsonl", lines=True, force_ascii=False)
         if "synthetic" in info:
             shutil.copy(Path(tmp) / "synthetic" / "task.json", staging / "prepared" / "task.json")
+        _write_cleaning(info["cleaning"], staging / "prepared")
         tokenizer.save_pretrained(staging / "tokenizer")
         for src, dst in ((staging / "prepared", ws.prepared), (staging / "tokenizer", ws.tokenizer)):
             if dst.exists():
@@ -173,10 +208,41 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         for name in ("bayes_accuracy_train", "bayes_accuracy_test"):
             if name in task:
                 metrics[f"synthetic/{name}"] = task[name]
+    metrics.update(_cleaning_metrics(info["cleaning"]))
     write_json(ws.metrics("prepare"), metrics)
     if tracker is not None:
         for name in SPLITS:
             tracker.log_dataset(splits[name].to_pandas(), name=name, context=name, source=str(ws.split(name)))
+        for name in (INVALID_ROWS, QUARANTINE):
+            tracker.log_artifact(ws.prepared / name, "invalid_rows")
+    return metrics
+
+
+def _write_cleaning(cleaning: Cleaning, folder: Path) -> None:
+    """``invalid_rows.json`` (counts per source and rule, read by ``validate``) and the quarantine (one line per row)."""
+    import json
+
+    from rlhf_core.data.cleaning import summary
+
+    write_json(folder / INVALID_ROWS, summary(cleaning.results, cleaning.policy))
+    with (folder / QUARANTINE).open("w", encoding="utf-8") as handle:
+        for result in cleaning.results:
+            for row in result.invalid:
+                record = {"source": result.source, "kind": result.kind, **row.to_dict()}
+                handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+
+def _cleaning_metrics(cleaning: Cleaning) -> dict[str, Any]:
+    """Invalid rows per rule (all rules, zeros too: runs compare key by key) and per kind of data."""
+    from rlhf_core.data.rules import RULES
+
+    metrics: dict[str, Any] = {f"invalid_rows/{rule}": 0 for rule in RULES}
+    for result in cleaning.results:
+        for rule, count in result.counts().items():
+            metrics[f"invalid_rows/{rule}"] += count
+        metrics[f"invalid_rows/{result.kind}"] = metrics.get(f"invalid_rows/{result.kind}", 0) + len(result.invalid)
+        metrics[f"rows_read/{result.kind}"] = metrics.get(f"rows_read/{result.kind}", 0) + result.rows_read
+    metrics["invalid_rows/total"] = sum(len(r.invalid) for r in cleaning.results)
     return metrics
 
 

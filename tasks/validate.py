@@ -3,6 +3,8 @@
 On failure the stage exits non-zero with a summary naming each failed expectation, its
 counts and example rows; the JSON result and Data Docs are written to ``reports/validate``
 (and logged to MLflow), and no downstream stage runs. Earlier outputs stay as they were.
+Besides the splits, the gate checks ``data/prepared/invalid_rows.json``: no source may have lost
+more than ``max_invalid_fraction`` of its rows to ``prepare``'s cleaning.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def load_frames(ws: Workspace, tokenizer) -> dict[str, tuple[str, Any]]:
     return frames
 
 
+def load_invalid_rows(ws: Workspace) -> dict[str, Any] | None:
+    """``prepare``'s per-source counts of dropped rows, or None for data prepared before it wrote them."""
+    import json
+
+    path = ws.prepared / "invalid_rows.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     from tasks.stage_main import StageError
     from tasks.training_io import load_tokenizer
@@ -51,7 +61,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     tokenizer = load_tokenizer(ws) if ws.tokenizer.exists() else None
     frames = load_frames(ws, tokenizer)
     report_dir = ws.reports(STAGE)
-    report = validate_frames(frames, cfg, report_dir)
+    report = validate_frames(frames, cfg, report_dir, invalid_rows=load_invalid_rows(ws))
     # Deterministic content (no timings): downstream stages depend on this file.
     metrics = {"success": report.success, "failed_rules": len(report.failures)}
     metrics.update({f"rows/{name}": len(frame) for name, (_, frame) in frames.items()})

@@ -1,6 +1,7 @@
 """The data layer: load raw records, normalise public formats, tokenise, collate.
 
     load_records(source)                  -> datasets.Dataset of raw rows       (loading)
+    read_rows(source)                     -> raw rows with their place in the file (rows)
     normalize(ds, kind, format="auto")    -> prompt/prompt_messages/...          (formats)
     tokenize_sft / tokenize_preference / tokenize_prompts -> (ds, TokenizeStats) (tokenize)
     SFTCollator / PreferenceCollator / PromptCollator -> padded tensors          (collate)
@@ -18,6 +19,8 @@ _EXPORTS: dict[str, str] = {
     "DataLoadError": "loading",
     "SUPPORTED_SUFFIXES": "loading",
     "load_records": "loading",
+    "read_rows": "rows",
+    "SOURCE_COLUMNS": "rows",
     "DataFormatError": "formats",
     "FORMATS_BY_KIND": "formats",
     "SFT_FORMATS": "formats",
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
         render_transcript,
     )
     from rlhf_core.data.loading import SUPPORTED_SUFFIXES, DataLoadError, load_records
+    from rlhf_core.data.rows import SOURCE_COLUMNS, read_rows
     from rlhf_core.data.tokenize import (
         IGNORE_INDEX,
         TokenizeStats,

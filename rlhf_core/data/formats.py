@@ -26,6 +26,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import datasets
 
+from rlhf_core.data.rules import HH_NO_ASSISTANT_TURN, HH_PROMPTS_DIFFER, RowRuleError as _RowError, type_rule
+
 Kind = Literal["sft", "preference", "prompt"]
 Message = dict[str, str]
 
@@ -61,10 +63,6 @@ class DataFormatError(ValueError):
     """Records do not match the requested (or any accepted) format; names columns, row and rule."""
 
 
-class _RowError(Exception):
-    """A rule broken inside one row; ``normalize`` adds the row index and format name."""
-
-
 # ---------------------------------------------------------------- messages and transcripts
 
 
@@ -97,7 +95,7 @@ def parse_hh_transcript(prompt: str) -> list[Message]:
 def _text(row: Mapping[str, Any], column: str) -> str:
     value = row.get(column)
     if not isinstance(value, str):
-        raise _RowError(f"column {column!r} must be a string, got {type(value).__name__}")
+        raise _RowError(f"column {column!r} must be a string, got {type(value).__name__}", type_rule(value))
     return value
 
 
@@ -112,7 +110,7 @@ def _messages(value: Any, where: str) -> list[Message]:
         if role not in ROLES:
             raise _RowError(f"{where}[{i}] role must be one of {ROLES}, got {role!r}")
         if not isinstance(content, str):
-            raise _RowError(f"{where}[{i}] content must be a string, got {type(content).__name__}")
+            raise _RowError(f"{where}[{i}] content must be a string, got {type(content).__name__}", type_rule(content))
         out.append({"role": role, "content": content})
     return out
 
@@ -123,7 +121,7 @@ def _sharegpt_turn(turn: Any, where: str) -> Message:
     if sender not in SHAREGPT_ROLES:
         raise _RowError(f"{where} 'from' must be one of {tuple(SHAREGPT_ROLES)}, got {sender!r}")
     if not isinstance(value, str):
-        raise _RowError(f"{where} 'value' must be a string, got {type(value).__name__}")
+        raise _RowError(f"{where} 'value' must be a string, got {type(value).__name__}", type_rule(value))
     return {"role": SHAREGPT_ROLES[sender], "content": value}
 
 
@@ -203,14 +201,17 @@ def _hh_rlhf(row: Mapping[str, Any]) -> dict[str, Any]:
     chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if ASSISTANT_TAG not in text:
-            raise _RowError(f"{name!r} transcript has no {ASSISTANT_TAG!r} turn")
+            raise _RowError(f"{name!r} transcript has no {ASSISTANT_TAG!r} turn", HH_NO_ASSISTANT_TURN)
     # The prompt is the shared prefix cut after its last assistant cue: in a few real rows a
     # reply itself contains "\n\nAssistant:", so the last cue of each transcript would disagree.
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(ASSISTANT_TAG)
     if cut < 0:
-        raise _RowError(f"'chosen' and 'rejected' do not share a prefix ending in {ASSISTANT_TAG!r}")
+        raise _RowError(f"'chosen' and 'rejected' do not share a prefix ending in {ASSISTANT_TAG!r}", HH_PROMPTS_DIFFER)
     prompt = shared[: cut + len(ASSISTANT_TAG)]
+    for name, text in (("chosen", chosen), ("rejected", rejected)):  # a later human turn: the histories diverged
+        if HUMAN_TAG in text[len(prompt):]:
+            raise _RowError(f"{name!r} has a {HUMAN_TAG!r} turn after the shared prompt: the conversations differ", HH_PROMPTS_DIFFER)
     return {
         "prompt": prompt,
         "prompt_messages": parse_hh_transcript(prompt),
@@ -379,7 +380,7 @@ def normalize(dataset: datasets.Dataset, kind: Kind, format: str = "auto") -> da
         try:
             record = spec.adapter(row)
         except _RowError as err:
-            raise DataFormatError(f"row {index} ({name} format): {err}") from None
+            raise DataFormatError(f"row {index} ({name} format): {err} [rule {err.rule}]") from None
         return {column: record[column] for column in keep}
 
     return dataset.map(

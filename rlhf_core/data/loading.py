@@ -15,8 +15,9 @@ import gzip
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 import datasets
 
@@ -31,7 +32,11 @@ class DataLoadError(ValueError):
 
 
 def load_records(
-    source: str | Path, *, split: str = "train", storage_options: dict[str, Any] | None = None
+    source: str | Path,
+    *,
+    split: str = "train",
+    storage_options: dict[str, Any] | None = None,
+    source_name: str | None = None,
 ) -> datasets.Dataset:
     """Read every record of ``source`` into one ``datasets.Dataset``.
 
@@ -43,23 +48,71 @@ def load_records(
             or else a hub dataset name (``datasets.load_dataset(name, split=split)``).
         split: the split of a hub dataset. Files and folders are read whole.
         storage_options: fsspec options for URIs (for s3fs e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
+        source_name: the name errors show instead of ``source`` (see ``local_files``), e.g. the
+            URI a local snapshot was copied from.
 
     Raises:
         DataLoadError: missing file, unsupported extension, malformed JSON (with the line),
             empty file, or a hub dataset that cannot be loaded.
     """
+    with local_files(source, storage_options=storage_options, source_name=source_name) as files:
+        if files is None:
+            return _load_hub(str(source), split)
+        shown = {str(path): name for path, name in files}
+        return _load_files(list(shown), label=source_name or str(source), shown=shown)
+
+
+@contextmanager
+def local_files(
+    source: str | Path, *, storage_options: dict[str, Any] | None = None, source_name: str | None = None, utf8: bool = True
+) -> Iterator[list[tuple[Path, str]] | None]:
+    """The data files ``source`` names, as (local path, name shown to users); ``None`` for a hub name.
+
+    Objects behind a URI are copied to a temporary folder that lives as long as the context.
+    Shown names are the paths or object URIs themselves; with ``source_name`` they are
+    ``source_name`` for a single file (or a folder holding one file, when ``source_name`` names
+    a data file: a snapshot of that file), else ``source_name/<file name>``. Each file is checked
+    (supported type, not empty, UTF-8 text unless ``utf8=False``).
+    """
     text = str(source)
     if "://" in text:
-        return _load_remote(text, storage_options or {})
+        fs, objects = _remote_objects(text, storage_options or {})
+        with tempfile.TemporaryDirectory(prefix="rlhf-data-") as tmp:
+            files = []
+            for i, obj in enumerate(objects):
+                local = Path(tmp) / f"{i:05d}-{Path(obj).name}"  # index prefix keeps the listing order
+                try:
+                    fs.get(obj, str(local))
+                except OSError as err:
+                    raise DataLoadError(f"{fs.unstrip_protocol(obj)}: cannot download: {err}") from err
+                files.append((local, Path(obj).name, fs.unstrip_protocol(obj)))
+            yield _checked(files, source_name, utf8, single=_data_suffix(text) is not None)
+        return
     path = Path(text).expanduser()
     if path.is_dir():
-        return _load_files(_folder_files(path), label=str(path))
-    if path.is_file():
-        _check_local_file(path)
-        return _load_files([str(path)], label=str(path))
-    if _looks_like_path(text):
-        raise DataLoadError(f"{text}: no such file or folder")
-    return _load_hub(text, split)
+        files = [(Path(f), Path(f).name, f) for f in _folder_files(path, source_name or str(path))]
+        yield _checked(files, source_name, utf8, single=False)
+    elif path.is_file():
+        yield _checked([(path, path.name, str(path))], source_name, utf8, single=True)
+    elif _looks_like_path(text):
+        raise DataLoadError(f"{source_name or text}: no such file or folder")
+    else:
+        yield None
+
+
+def _checked(files: list[tuple[Path, str, str]], source_name: str | None, utf8: bool, *, single: bool) -> list[tuple[Path, str]]:
+    """(local path, shown name) for (local path, file name, default shown name), each file checked."""
+    out = []
+    for path, name, default in files:
+        if source_name is None:
+            shown = default
+        elif single or (len(files) == 1 and _data_suffix(source_name)):
+            shown = source_name
+        else:
+            shown = f"{source_name.rstrip('/')}/{name}"
+        _check_local_file(path, shown, utf8=utf8)
+        out.append((path, shown))
+    return out
 
 
 def _data_suffix(name: str) -> str | None:
@@ -82,16 +135,14 @@ def _unsupported(name: str) -> DataLoadError:
     return DataLoadError(f"{name}: unsupported file type; supported: {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def _folder_files(folder: Path) -> list[str]:
+def _folder_files(folder: Path, shown: str) -> list[str]:
     entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     files = [p for p in entries if _data_suffix(p.name)]
     if not files:
         found = ", ".join(p.name for p in entries) or "nothing"
         raise DataLoadError(
-            f"{folder}: no supported data files in this folder (supported: {', '.join(SUPPORTED_SUFFIXES)}; found: {found})"
+            f"{shown}: no supported data files in this folder (supported: {', '.join(SUPPORTED_SUFFIXES)}; found: {found})"
         )
-    for file in files:
-        _check_local_file(file)
     return [str(p) for p in files]
 
 
@@ -121,29 +172,15 @@ def _remote_objects(uri: str, storage_options: dict[str, Any]) -> tuple[Any, lis
     return fs, objects
 
 
-def _load_remote(uri: str, storage_options: dict[str, Any]) -> datasets.Dataset:
-    """Copy the objects to a temporary folder, then load them like local files (errors name the objects)."""
-    fs, objects = _remote_objects(uri, storage_options)
-    with tempfile.TemporaryDirectory(prefix="rlhf-data-") as tmp:
-        shown: dict[str, str] = {}
-        for i, obj in enumerate(objects):
-            local = Path(tmp) / f"{i:05d}-{Path(obj).name}"  # index prefix keeps the listing order
-            try:
-                fs.get(obj, str(local))
-            except OSError as err:
-                raise DataLoadError(f"{fs.unstrip_protocol(obj)}: cannot download: {err}") from err
-            shown[str(local)] = fs.unstrip_protocol(obj)
-            _check_local_file(local, shown[str(local)])
-        # The returned dataset lives in datasets' Arrow cache, so the copies can go.
-        return _load_files(list(shown), label=uri, shown=shown)
-
-
 def _open_text(path: Path) -> IO[str]:
     return gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz") else open(path, encoding="utf-8")
 
 
-def _check_local_file(path: Path, shown: str | None = None) -> None:
-    """Reject unsupported and empty files before ``datasets`` turns them into opaque errors."""
+def _check_local_file(path: Path, shown: str | None = None, *, utf8: bool = True) -> None:
+    """Reject unsupported and empty files before ``datasets`` turns them into opaque errors.
+
+    ``utf8=False``: text that is not UTF-8 is left to the caller (``read_rows`` reports it per line).
+    """
     shown = shown or str(path)
     if _data_suffix(path.name) is None:
         raise _unsupported(shown)
@@ -153,7 +190,11 @@ def _check_local_file(path: Path, shown: str | None = None) -> None:
         try:
             with _open_text(path) as handle:
                 blank = not handle.read(4096).strip() and not handle.read(1 << 20).strip()
-        except (OSError, UnicodeDecodeError) as err:
+        except UnicodeDecodeError as err:
+            if utf8:
+                raise DataLoadError(f"{shown}: cannot read as UTF-8 text: {err}") from err
+            blank = False
+        except OSError as err:
             raise DataLoadError(f"{shown}: cannot read as UTF-8 text: {err}") from err
         if blank:
             raise DataLoadError(f"{shown}: empty file (only whitespace)")

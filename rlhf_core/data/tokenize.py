@@ -11,8 +11,9 @@ Rules, the same for every kind:
 5. Completions are cut on the right so that prompt + completion fit ``max_length``.
 
 Every function returns ``(dataset, TokenizeStats)``. The normalised text columns are replaced by
-token columns; other columns (e.g. a per-pair ``margin``) pass through. Counts are computed from
-per-row flags written by ``datasets.map``, so they are right even when ``map`` hits its cache.
+token columns and the provenance columns (``rows.SOURCE_COLUMNS``) are dropped; other columns
+(e.g. a per-pair ``margin``) pass through. Counts are computed from per-row flags written by
+``datasets.map``, so they are right even when ``map`` hits its cache.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase
+
+from rlhf_core.data.rows import SOURCE_COLUMNS
 
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (prompt tokens), as in ``torch.nn.CrossEntropyLoss``."""
@@ -111,7 +114,8 @@ def _run(ds: datasets.Dataset, batch_fn: Any, consumed: tuple[str, ...], desc: s
     """Map ``batch_fn`` (which writes the token columns and ``_FLAGS``), then count, drop and clean up."""
     if len(ds) == 0:
         raise ValueError(f"{desc}: the dataset has no rows")
-    mapped = ds.map(batch_fn, batched=True, remove_columns=list(consumed), desc=desc)
+    provenance = [c for c in SOURCE_COLUMNS if c in ds.column_names]  # only for reports, not for training
+    mapped = ds.map(batch_fn, batched=True, remove_columns=[*consumed, *provenance], desc=desc)
     flags = {name: sum(mapped[name]) for name in _FLAGS}
     kept = mapped.filter(lambda dropped: not dropped, input_columns="_dropped") if flags["_dropped"] else mapped
     stats = TokenizeStats(

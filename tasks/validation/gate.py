@@ -6,7 +6,10 @@ own suite, dataframe asset, validation definition and checkpoint; the checkpoint
 ``UpdateDataDocsAction`` renders the Data Docs site ``validation_report`` (a site named
 ``local_site`` would collide with GX's built-in one) into ``report_dir/data_docs``.
 
-Row numbers in examples are 0-based positions in the frame as given (the line in a JSONL split).
+Row numbers in examples are 0-based positions in the frame as given (the line in a JSONL split);
+when the frame has the provenance columns of ``prepare`` (``source_file``, ``source_row``,
+``source_unit``), each example also names the row in its source file (``"source"``), which is
+what a user can find: split positions change with every shuffle.
 """
 
 from __future__ import annotations
@@ -129,8 +132,13 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def validate_frames(frames: dict[str, tuple[str, Any]], cfg: ValidationConfig, report_dir: Path) -> ValidationReport:
+def validate_frames(
+    frames: dict[str, tuple[str, Any]], cfg: ValidationConfig, report_dir: Path, invalid_rows: dict[str, Any] | None = None
+) -> ValidationReport:
     """Validate each ``name -> (kind, DataFrame)`` against its kind's suite.
+
+    ``invalid_rows``: ``prepare``'s account of the rows it dropped (``invalid_rows.json``); each
+    source in it is checked against ``cfg.max_invalid_fraction`` (``tasks.validation.invalid_rows``).
 
     Writes ``report_dir/validation.json`` and the Data Docs site ``report_dir/data_docs/`` (also
     when data fail). Raises ``ValueError``/``TypeError`` for a bad call (unknown kind, not a
@@ -158,6 +166,10 @@ def validate_frames(frames: dict[str, tuple[str, Any]], cfg: ValidationConfig, r
     for name, (kind, frame) in frames.items():
         frame = frame.reset_index(drop=True)  # row labels = positions, for the examples
         results[name] = _validate_one(context, datasource, name, kind, frame, cfg)
+    if invalid_rows:
+        from tasks.validation.invalid_rows import source_results
+
+        results.update(source_results(invalid_rows, cfg.max_invalid_fraction))
 
     report = ValidationReport(results, report_dir, cfg)
     (report_dir / "validation.json").write_text(json.dumps(report.to_dict(), indent=2, default=repr) + "\n")
@@ -306,10 +318,15 @@ def _number(value: Any) -> Any:
 
 
 def _example_row(frame: Any, index: Any, columns: list[str]) -> dict[str, Any]:
-    """``{"row": i, <column>: value, ...}`` for the rule's columns (all columns for table-level rules)."""
+    """``{"row": i, ["source": "<file> line <n>",] <column>: value, ...}`` for the rule's columns (all for table-level rules)."""
+    from rlhf_core.data.rows import SOURCE_COLUMNS, describe_source
+
     row = frame.loc[index]  # labels are positions (the gate resets the index)
-    shown = [c for c in columns if c in frame.columns] or [str(c) for c in frame.columns]
-    return {"row": _jsonable(index), **{c: _jsonable(row[c]) for c in shown}}
+    shown = [c for c in columns if c in frame.columns] or [str(c) for c in frame.columns if c not in SOURCE_COLUMNS]
+    example = {"row": _jsonable(index)}
+    if {"source_file", "source_row"} <= set(frame.columns):
+        example["source"] = describe_source(row["source_file"], row["source_row"], row.get("source_unit"))
+    return {**example, **{c: _jsonable(row[c]) for c in shown}}
 
 
 def _jsonable(value: Any) -> Any:
@@ -334,7 +351,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def _format_example(example: dict[str, Any]) -> str:
-    if "row" in example:
-        cells = ", ".join(f"{k}={v!r}" for k, v in example.items() if k != "row")
-        return f"row {example['row']}: {cells}"
-    return f"value: {example['value']!r}"
+    """``row 5 (data.jsonl line 7): chosen='...'``; ``data.jsonl line 7: blank_text: ...`` for a row prepare dropped."""
+    if "value" in example:
+        return f"value: {example['value']!r}"
+    where = [f"row {example['row']}"] if "row" in example else []
+    if "source" in example:
+        where.append(f"({example['source']})" if where else str(example["source"]))
+    rest = {k: v for k, v in example.items() if k not in ("row", "source")}
+    if set(rest) == {"rule", "detail"}:
+        return f"{' '.join(where)}: {rest['rule']}: {rest['detail']}"
+    return f"{' '.join(where)}: " + ", ".join(f"{k}={v!r}" for k, v in rest.items())

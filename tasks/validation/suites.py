@@ -10,6 +10,7 @@ JSON report name failures by it. Rules per kind (text columns are every normalis
 * ``<col> is text``                      values are ``str``
 * ``<col> length within limits``         ``min_chars <= len(value) <= max_chars``
 * ``<col> not blank``                    not empty / whitespace only (regex ``^\\s*$``)
+* ``<col> has no control characters``    no NUL or other C0/C1 control character but tab, newline, CR
 * ``prompt_messages is a chat``          non-empty list of {role, content} messages
 * ``chosen differs from rejected``       preference only (custom column-pair expectation)
 * ``no duplicate pairs``                 unique (prompt, completion) for SFT, (prompt, chosen, rejected)
@@ -32,6 +33,7 @@ RULE_KEY = "rule"  # key of the human rule name in each expectation's ``meta``
 CHAT_COLUMN = "prompt_messages"
 TOKENS_COLUMN = "prompt_tokens"
 BLANK_REGEX = r"^\s*$"
+CONTROL_REGEX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"  # as rlhf_core.data.cleaning.CONTROL_CHARS
 
 # Rule names that tests, the summary and callers can refer to.
 ENOUGH_ROWS = "enough rows"
@@ -59,6 +61,8 @@ class ValidationConfig:
             ``max_prompt_tokens`` (those rows are dropped at tokenisation).
         allow_duplicate_pairs: if True, duplicate (prompt, completion) / (prompt, chosen, rejected)
             rows are accepted.
+        max_invalid_fraction: largest share of a source's rows that ``prepare`` may have dropped as
+            invalid (``prepare.invalid_rows: drop``); more means the source, not a few rows, is broken.
     """
 
     min_rows: int = 50
@@ -67,6 +71,7 @@ class ValidationConfig:
     max_prompt_tokens: int | None = None
     max_truncation_drop_fraction: float = 0.05
     allow_duplicate_pairs: bool = False
+    max_invalid_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("min_rows", "min_chars", "max_chars"):
@@ -78,9 +83,10 @@ class ValidationConfig:
         tokens = self.max_prompt_tokens
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"validate.max_prompt_tokens: must be a positive integer or null, got {tokens!r}")
-        fraction = self.max_truncation_drop_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"validate.max_truncation_drop_fraction: must be in [0, 1], got {fraction!r}")
+        for name in ("max_truncation_drop_fraction", "max_invalid_fraction"):
+            fraction = getattr(self, name)
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"validate.{name}: must be in [0, 1], got {fraction!r}")
         if not isinstance(self.allow_duplicate_pairs, bool):
             raise ValueError(f"validate.allow_duplicate_pairs: must be true or false, got {self.allow_duplicate_pairs!r}")
 
@@ -138,6 +144,9 @@ def build_expectations(kind: str, cfg: ValidationConfig, columns: Collection[str
             max_value=cfg.max_chars,
         )
         add(f"{col} not blank", (col,), gxe.ExpectColumnValuesToNotMatchRegex, column=col, regex=BLANK_REGEX)
+        add(
+            f"{col} has no control characters", (col,), gxe.ExpectColumnValuesToNotMatchRegex, column=col, regex=CONTROL_REGEX
+        )
     if kind == "preference":
         add(
             CHOSEN_DIFFERS,

@@ -1,0 +1,167 @@
+"""Read raw records row by row, each with where it sits in its source file.
+
+``load_records`` hands a whole source to ``datasets``' parsers: fast, but one broken line
+fails the file and a row's position in the file is lost. ``read_rows`` parses the files
+itself so that every record keeps its place (``SourceRow``: the file as users know it, and the
+line of a JSON Lines file or the index in a JSON array / Parquet file / hub split) and a broken
+line becomes one unparseable row instead of a failed load. The cleaning step
+(``rlhf_core.data.cleaning``) decides what happens to unparseable rows.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf_core.data.loading import DataLoadError, _load_hub, local_files
+
+SOURCE_COLUMNS: tuple[str, ...] = ("source_file", "source_row", "source_unit")
+"""Columns the prepared splits carry so that every report can name a row's place in its source."""
+
+LINE = "line"  # JSON Lines: 1-based line number, as editors show it
+INDEX = "index"  # JSON array element, Parquet row, hub split row: 0-based position
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """Where one record came from: ``file`` (the name users know), ``row`` and its ``unit`` (``line``/``index``)."""
+
+    file: str
+    row: int
+    unit: str
+
+    def __str__(self) -> str:
+        return describe_source(self.file, self.row, self.unit)
+
+    def columns(self) -> dict[str, Any]:
+        return dict(zip(SOURCE_COLUMNS, (self.file, self.row, self.unit)))
+
+
+def describe_source(file: Any, row: Any, unit: Any = None) -> str:
+    """``"data/hh.jsonl.gz line 87"`` / ``"alpaca.json index 12"`` (tolerates the floats pandas makes of ints)."""
+    if isinstance(row, float) and row.is_integer():
+        row = int(row)
+    return f"{file} {unit or 'row'} {row}"
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """A record as read (``problem`` is None), or a row that could not be parsed (``record`` is its text)."""
+
+    where: SourceRow
+    record: Any
+    problem: str | None = None
+
+
+@dataclass
+class RawRows:
+    """Every row of a source in file order; ``label`` names the whole source."""
+
+    label: str
+    rows: list[RawRow] = field(default_factory=list)
+
+    @property
+    def columns(self) -> list[str]:
+        """Keys of the parsed records, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            if row.problem is None:
+                seen.update(dict.fromkeys(row.record))
+        return list(seen)
+
+
+def read_rows(
+    source: str | Path, *, source_name: str | None = None, split: str = "train", storage_options: dict[str, Any] | None = None
+) -> RawRows:
+    """Every row of ``source`` (any source ``load_records`` accepts) with its place in its file.
+
+    A JSON Lines line that is not valid JSON, not UTF-8 or not an object, and a JSON array
+    element that is not an object, are returned as rows with a ``problem``. A file that cannot
+    be split into rows at all (a malformed JSON array, an unreadable Parquet file) raises.
+
+    Raises:
+        DataLoadError: as ``load_records``; also when the source holds no rows at all.
+    """
+    label = source_name or str(source)
+    out = RawRows(label)
+    with local_files(source, storage_options=storage_options, source_name=source_name, utf8=False) as files:
+        if files is None:
+            ds = _load_hub(str(source), split)
+            out.rows = [RawRow(SourceRow(label, i, INDEX), record) for i, record in enumerate(ds)]
+        for path, shown in files or []:
+            reader = _parquet_rows if path.name.lower().endswith(".parquet") else _json_rows
+            out.rows.extend(reader(path, shown))
+    if not out.rows:
+        raise DataLoadError(f"{label}: no records")
+    return out
+
+
+def _parquet_rows(path: Path, shown: str) -> list[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001 -- pyarrow raises several types for a damaged file
+        raise DataLoadError(f"{shown}: cannot read as Parquet: {type(err).__name__}: {err}") from err
+    return [RawRow(SourceRow(shown, i, INDEX), record) for i, record in enumerate(records)]
+
+
+def _json_rows(path: Path, shown: str) -> list[RawRow]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        head = handle.read(4096)
+        if head.lstrip().lstrip(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+            return _json_array_rows(head + handle.read(), shown)
+        rows = []
+        # Lines are split on b"\n" only: str.splitlines would also split inside strings at U+2028 etc.
+        for lineno, raw in enumerate(_lines(head, handle), start=1):
+            line = raw.strip()
+            if lineno == 1:
+                line = line.lstrip(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            if line:
+                rows.append(_json_line(line, SourceRow(shown, lineno, LINE)))
+    return rows
+
+
+def _lines(head: bytes, handle: Any):
+    """The lines of a binary file whose first bytes were already read into ``head``."""
+    pending = head
+    for chunk in handle:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        yield from complete
+    yield from pending.split(b"\n")
+
+
+def _json_line(line: bytes, where: SourceRow) -> RawRow:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return RawRow(where, line.decode("utf-8", errors="replace"), f"not UTF-8 text: {err.reason} at byte {err.start}")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return RawRow(where, text, f"malformed JSON at column {err.colno}: {err.msg}")
+    if not isinstance(record, dict):
+        return RawRow(where, text, f"not a JSON object (a JSON {type(record).__name__})")
+    return RawRow(where, record)
+
+
+def _json_array_rows(data: bytes, shown: str) -> list[RawRow]:
+    try:
+        records = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DataLoadError(f"{shown}: not UTF-8 text: {err}") from err
+    except json.JSONDecodeError as err:
+        raise DataLoadError(f"{shown}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    rows = []
+    for i, record in enumerate(records):
+        where = SourceRow(shown, i, INDEX)
+        if isinstance(record, dict):
+            rows.append(RawRow(where, record))
+        else:
+            rows.append(RawRow(where, record, f"element {i} of the JSON array is not an object"))
+    return rows
