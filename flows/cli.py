@@ -128,7 +128,7 @@ def status(
     """The champion in service, and the recent pipeline runs with their promotion decisions."""
     from flows import env_defaults
     from flows.report import print_status
-    from tasks.registry import service_status
+    from tasks.service import service_status
 
     root = workspace.resolve()
     env_defaults.apply(root)
@@ -143,7 +143,7 @@ def promote(
 ) -> None:
     """Make a run's registered policy the @champion by hand (the pipeline's `promote` stage decides by itself)."""
     from flows import env_defaults
-    from tasks.registry import force_promote
+    from tasks.service import force_promote
 
     if not force:
         typer.secho("promoting by hand overrides the pipeline's criteria: add --force to do it", fg=typer.colors.RED, err=True)

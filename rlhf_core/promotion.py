@@ -44,6 +44,8 @@ class PromotionCriteria:
             raise ValueError(f"min_win_rate must be in [0, 1], got {self.min_win_rate}")
         if not 0.0 <= self.confidence < 1.0:
             raise ValueError(f"confidence must be in [0, 1), got {self.confidence}")
+        if self.test not in ("bootstrap", "sign"):  # anything else would silently skip the significance test
+            raise ValueError(f"test must be 'bootstrap' or 'sign', got {self.test!r}")
         if self.max_kl is not None and self.max_kl < 0:
             raise ValueError(f"max_kl must be >= 0 or null, got {self.max_kl}")
         if self.n_bootstrap < 100:

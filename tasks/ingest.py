@@ -97,7 +97,9 @@ def ingest_source(ws: Workspace, role: str, uri: str, state: dict[str, Any], pre
                 shutil.rmtree(stale)
             else:
                 stale.unlink()
-    changed = any(a != "unchanged" for a in actions) or not same_uri or "rows" not in previous
+    # a file that left the source changes the snapshot although every remaining file is unchanged
+    changed = (any(a != "unchanged" for a in actions) or not same_uri or "rows" not in previous
+               or entries != previous.get("files"))
     rows = sum(count_rows(folder / e["name"]) or 0 for e in entries) if changed else previous["rows"]
     manifest = {"uri": uri, "files": entries, "rows": rows}
     identity = {

@@ -54,6 +54,7 @@ def isolated_checkout(workspace: Path, ref: str, name: str, *, tracking_uri: str
         # Outputs the ref's dvc.lock records come from the shared cache; missing ones are rebuilt or restored later.
         dvc_ops.dvc(root, "checkout", check=False)
         yield Checkout(root=root, commit=commit, env={
+            "RLHF_WORKSPACE": str(root),  # stages read and write here, not in the worker's workspace
             "MLFLOW_TRACKING_URI": tracking_uri, "RLHF_STATE_DIR": str(workspace / ".rlhf"),
         })
     except BaseException:

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.model_config import ModelConfig
 from tasks.params import typed
+from tasks.sources import ingested_snapshots
 from tasks.workspace import SPLITS, Workspace, write_json
 
 
@@ -69,20 +71,6 @@ class PrepareConfig:
             raise ValueError(f"max_rows must be >= 2, got {self.max_rows}")
 
 
-@dataclass
-class ModelConfig:
-    """The ``model`` group: the base model of every training stage."""
-
-    name_or_path: str | None = None
-    """A local folder or hub name of a causal LM; ``null``: a tiny model trained from scratch."""
-    trust_remote_code: bool = False
-    dtype: str | None = None
-    tokenizer_vocab_size: int = 512
-    """Vocabulary of the tokenizer trained from scratch (only when ``name_or_path`` is null)."""
-    tiny: dict[str, Any] = field(default_factory=dict)
-    """``rlhf_core.models.TinyModelConfig`` fields for the from-scratch model."""
-
-
 QUARANTINE = "quarantine.jsonl"
 INVALID_ROWS = "invalid_rows.json"
 
@@ -115,10 +103,19 @@ def _split(ds, test_fraction: float, seed: int, max_rows: int | None):
     return parts["train"], parts["test"]
 
 
-def build_splits(cfg: PrepareConfig, scratch: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The five normalised splits, and facts about them (synthetic task info; ``cleaning``: a ``Cleaning``)."""
+def build_splits(cfg: PrepareConfig, scratch: Path, snapshots: dict[str, Path] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The five normalised splits, and facts about them (synthetic task info; ``cleaning``: a ``Cleaning``).
+
+    ``snapshots``: {role: folder} of the DVC-tracked copies ``ingest`` made of the configured
+    sources (``sft``, ``preference``, ``prompt``); a role without one is read from its source.
+    """
     from rlhf_core.data.rows import SOURCE_COLUMNS
     from rlhf_core.synthetic import generate_task
+
+    snapshots = snapshots or {}
+
+    def source(role: str, configured: str) -> str:
+        return str(snapshots.get(role, configured))
 
     info: dict[str, Any] = {}
     splits: dict[str, Any] = {}
@@ -135,7 +132,7 @@ def build_splits(cfg: PrepareConfig, scratch: Path) -> tuple[dict[str, Any], dic
         splits["sft_train"], splits["sft_test"] = _split(sft, cfg.test_fraction, cfg.seed, None)
     else:
         splits["sft_train"], splits["sft_test"] = _split(
-            _load_normalised(cfg.sft_data, "sft", cfg.sft_format, cleaning, cfg.sft_data),
+            _load_normalised(source("sft", cfg.sft_data), "sft", cfg.sft_format, cleaning, cfg.sft_data),
             cfg.test_fraction, cfg.seed, cfg.max_rows,
         )
     if cfg.preference_data is None:
@@ -145,11 +142,13 @@ def build_splits(cfg: PrepareConfig, scratch: Path) -> tuple[dict[str, Any], dic
             )
     else:
         splits["pref_train"], splits["pref_test"] = _split(
-            _load_normalised(cfg.preference_data, "preference", cfg.preference_format, cleaning, cfg.preference_data),
+            _load_normalised(source("preference", cfg.preference_data), "preference", cfg.preference_format, cleaning,
+                             cfg.preference_data),
             cfg.test_fraction, cfg.seed, cfg.max_rows,
         )
     if cfg.prompt_data is not None:
-        splits["prompts"] = _load_normalised(cfg.prompt_data, "prompt", cfg.prompt_format, cleaning, cfg.prompt_data)
+        splits["prompts"] = _load_normalised(source("prompt", cfg.prompt_data), "prompt", cfg.prompt_format, cleaning,
+                                             cfg.prompt_data)
     elif cfg.preference_data is None:
         splits["prompts"] = _load_normalised(str(synthetic_dir / "prompts.jsonl"), "prompt", "auto", cleaning, "synthetic/prompts.jsonl")
     else:
@@ -181,7 +180,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     model_cfg = typed(params, "model", ModelConfig)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rlhf-prepare-") as tmp:
-        splits, info = build_splits(cfg, Path(tmp))
+        splits, info = build_splits(cfg, Path(tmp), ingested_snapshots(params, ws))
         data_seconds = time.perf_counter() - started
         tokenizer_started = time.perf_counter()
         tokenizer = build_tokenizer(model_cfg, splits)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,51 +127,3 @@ def find_version_of_run(client: MlflowClient, name: str, parent_run_id: str) -> 
     """The version registered by pipeline run ``parent_run_id`` (tag ``pipeline.run_id``)."""
     found = client.search_model_versions(f"name = '{name}' and tags.`pipeline.run_id` = '{parent_run_id}'")
     return found[0] if found else None
-
-
-# --------------------------------------------------------------------------- what is in service (`rlhf status`, `rlhf promote`)
-
-
-@dataclass
-class ServiceStatus:
-    model: str
-    champion: Any | None
-    """The ``@champion`` ModelVersion, or None."""
-    runs: list[Any]
-    """Recent pipeline parent runs, newest first (their ``promotion.*`` tags carry each decision)."""
-
-
-def service_status(project_dir: Path, tracking: dict[str, Any] | None, *, last: int = 10) -> ServiceStatus:
-    from tasks.compare import pipeline_runs
-    from tasks.parent_run import tracking_client
-
-    name = (tracking or {}).get("registered_model") or "rlhf-policy"
-    with tracking_client(project_dir, tracking) as (client, _):
-        champion = version_by_alias(client, name, CHAMPION)
-    return ServiceStatus(name, champion, pipeline_runs(project_dir, tracking, last=last, finished_only=False))
-
-
-def force_promote(project_dir: Path, tracking: dict[str, Any] | None, run_id: str) -> tuple[str, str | None]:
-    """Make the version registered by pipeline run ``run_id`` (or by a stage run with that id) the champion,
-    whatever its evidence; recorded as forced on the version and the run. Returns (new, previous) versions."""
-    from tasks.parent_run import tracking_client
-
-    name = (tracking or {}).get("registered_model") or "rlhf-policy"
-    with tracking_client(project_dir, tracking) as (client, _):
-        version = find_version_of_run(client, name, run_id)
-        if version is None:
-            found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-            version = found[0] if found else None
-        if version is None:
-            raise ValueError(f"no version of model {name!r} was registered by run {run_id!r} (see `rlhf status`)")
-        previous = version_by_alias(client, name, CHAMPION)
-        set_alias(client, name, CHAMPION, version.version)
-        tag_version(client, name, version.version, {
-            "promotion.decision": "forced", "promotion.previous_champion": previous.version if previous else "-",
-        })
-        parent = version.tags.get("pipeline.run_id") or run_id
-        try:
-            client.set_tag(parent, "promotion.decision", f"forced: version {version.version} made @champion by hand")
-        except Exception:  # noqa: BLE001 -- the run may have been deleted; the version's tags still record it
-            pass
-    return version.version, previous.version if previous else None

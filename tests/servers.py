@@ -7,6 +7,8 @@ Session-scoped pytest fixtures (register with ``pytest_plugins = ["tests.servers
   1.8 GB). Started once per session (~7 s here), killed (its whole process group) at the end.
 - ``s3_server`` -> ``"http://127.0.0.1:PORT"``: moto's S3 in a thread, with fake ``AWS_*``
   credentials in the environment for the session.
+- ``prefect_server`` -> ``"http://127.0.0.1:PORT/api"``: ``prefect server start`` with its own
+  SQLite database; :func:`prefect_cli` runs the ``prefect`` CLI against it.
 
 Nothing starts at import time; a server starts when a test first asks for it.
 """
@@ -119,3 +121,30 @@ def s3_server() -> Iterator[str]:
             yield endpoint
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 with its own SQLite database; yields the API URL."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    log = home / "server.log"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": ""}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout_s=120, alive=lambda: proc.poll() is None, log=log)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        _stop(proc)
+
+
+def prefect_cli(args: list[str], env: dict, cwd: Path, timeout: int = 120):
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=timeout)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout

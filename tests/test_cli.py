@@ -11,7 +11,8 @@ from tasks.launch import launch_command
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["run"], ["stage"], ["reproduce"], ["compare"], ["data"], ["data", "inspect"]])
+@pytest.mark.parametrize("args", [[], ["run"], ["stage"], ["reproduce"], ["compare"], ["status"], ["promote"], ["data"],
+                                  ["data", "inspect"]])
 def test_every_command_has_help(args):
     result = runner.invoke(app, [*args, "--help"])
     assert result.exit_code == 0, result.output
@@ -35,6 +36,11 @@ def test_data_inspect_names_the_columns_of_an_unknown_format(tmp_path):
 def test_data_inspect_names_a_missing_file(tmp_path):
     result = runner.invoke(app, ["data", "inspect", str(tmp_path / "nope.jsonl")])
     assert result.exit_code == 1 and "nope.jsonl" in result.output
+
+
+def test_promote_by_hand_needs_force():
+    result = runner.invoke(app, ["promote", "some-run-id"])
+    assert result.exit_code == 2 and "--force" in result.output
 
 
 def test_training_stages_launch_through_accelerate_on_several_gpus():

@@ -73,13 +73,13 @@ def test_second_repro_runs_nothing(workspace, tracked_env):
     assert status_clean(workspace), run(["dvc", "status"], workspace).stdout
 
 
-def test_changing_dpo_beta_reruns_only_dpo_and_evaluate(workspace, tracked_env):
+def test_changing_dpo_beta_reruns_only_dpo_and_what_follows_it(workspace, tracked_env):
     from tasks.params import apply_overrides
 
     apply_overrides(workspace / "params.yaml", ["dpo.beta=0.25"])
     proc = repro(workspace, env=tracked_env)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert stages_run(proc.stdout) == {"dpo", "evaluate"}
+    assert stages_run(proc.stdout) == {"dpo", "evaluate", "promote"}
     run(["git", "commit", "-qam", "dpo.beta=0.25"], workspace)
 
 
@@ -121,12 +121,13 @@ def test_final_policy_is_registered_with_lineage_and_loads_back(workspace, mlflo
     import torch
 
     client = _mlflow_client(mlflow_server)
-    version = client.get_model_version_by_alias("rlhf-policy", "candidate")
+    version = client.get_model_version_by_alias("rlhf-policy", "champion")  # the first run crowns its policy
+    assert version.tags["promotion.decision"] == "promoted" and version.tags["promotion.against"] == "reference"
     for tag in ("git.commit", "data.digest", "params.hash", "policy"):
         assert version.tags.get(tag), tag
     mlflow.set_tracking_uri(mlflow_server)
     try:
-        loaded = mlflow.transformers.load_model("models:/rlhf-policy@candidate", return_type="components")
+        loaded = mlflow.transformers.load_model("models:/rlhf-policy@champion", return_type="components")
     finally:
         mlflow.set_tracking_uri(None)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
