@@ -7,8 +7,9 @@ Three levels:
   (ETag/VersionId identity, no download when unchanged, the listed version is what is fetched);
 - DVC (slow): the real ``dvc`` CLI in a temporary git repo whose ``prepare.preference_data`` is
   an ``s3://`` object: an unchanged object re-runs nothing, an overwritten one re-runs
-  ``prepare``, and ``dvc pull`` at the first commit restores the first content after the object
-  was overwritten and after it was deleted.
+  ``prepare``, an older checkout of the snapshot is brought up to date from the DVC cache without a
+  download, and ``dvc pull`` at the first commit restores the first content after the object was
+  overwritten and after it was deleted.
 """
 
 from __future__ import annotations
@@ -329,7 +330,7 @@ def test_s3_object_identity_unchanged_and_overwritten(stage, s3, monkeypatch):
     assert copy.read_bytes() == _pairs(8, "b").encode()
 
 
-def test_s3_fetch_gets_the_listed_version_even_if_overwritten_since(stage, s3, tmp_path):
+def test_s3_fetch_gets_the_listed_version_even_if_overwritten_since(s3, tmp_path):
     from tasks.sources import fetch, list_source
 
     client, bucket = s3
@@ -403,8 +404,9 @@ def _ingest_action(ws: Path) -> str:
 
 @pytest.fixture(scope="module")
 def dvc_s3_history(s3_server, tmp_path_factory) -> dict[str, Any]:
-    """One workspace through: first repro, commit, push, no-op repro, overwrite + repro, then two
-    fresh clones at the first commit pulled after the object was overwritten and after it was deleted.
+    """One workspace through: first repro, commit, push, no-op repro, overwrite + repro, ingest in an
+    older checkout of data/sources, then two fresh clones at the first commit pulled after the object
+    was overwritten and after it was deleted.
 
     The fixture does every change; the tests only read what it recorded (order-independent).
     """
@@ -480,7 +482,12 @@ def dvc_s3_history(s3_server, tmp_path_factory) -> dict[str, Any]:
         mp.chdir(ws)
         fetches: list[str] = []
         real_fetch = ingest.fetch
-        mp.setattr(ingest, "fetch", lambda source, dest: (fetches.append(source.uri), real_fetch(source, dest)))
+
+        def counting_fetch(source, dest):
+            fetches.append(source.uri)
+            real_fetch(source, dest)
+
+        mp.setattr(ingest, "fetch", counting_fetch)
         ingest.run(load_params(ws / "params.yaml"), Workspace(ws))
     rec["restored"] = {
         "action": _ingest_action(ws), "fetches": fetches,
