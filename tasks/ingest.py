@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.sources import (
-    SourceFile, configured_sources, count_rows, fetch, file_md5, list_source, snapshot_path, source_tags, state_dir,
+    SourceFile, configured_sources, count_rows, fetch, list_source, snapshot_path, source_tags, state_dir,
 )
-from tasks.workspace import Workspace, write_json
+from tasks.workspace import Workspace, file_md5, write_json
 
 STAGE = "ingest"
 STATE_FILE = "ingest-state.json"

@@ -12,7 +12,6 @@ S3 is reached through boto3 with the standard configuration chain (credentials a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -95,15 +94,6 @@ def fetch(source: SourceFile, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise DataLoadError(f"{source.uri}: cannot download: {type(err).__name__}: {err}") from err
     tmp.replace(dest)
-
-
-def file_md5(path: Path) -> str:
-    """md5 of a file's bytes: the digest DVC records for it, so the DVC cache can be looked up by it."""
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def count_rows(path: Path) -> int | None:

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.workspace import file_md5
+
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
@@ -161,14 +163,6 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dvc_md5(path: Path) -> str:
     """The md5 DVC 3 records in ``dvc.lock`` for an output (file or directory).
 
@@ -179,11 +173,11 @@ def dvc_md5(path: Path) -> str:
     """
     path = Path(path)
     if path.is_file():
-        return _file_md5(path)
+        return file_md5(path)
     if not path.is_dir():
         raise FileNotFoundError(f"cannot hash output {path}: no such file or directory")
     entries = sorted(
-        ({"md5": _file_md5(f), "relpath": f.relative_to(path).as_posix()} for f in path.rglob("*") if f.is_file()),
+        ({"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()} for f in path.rglob("*") if f.is_file()),
         key=lambda entry: entry["relpath"],
     )
     listing = json.dumps(entries, sort_keys=True).encode("utf-8")

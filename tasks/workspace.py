@@ -5,6 +5,7 @@ These paths are the ``deps``/``outs`` of ``dvc.yaml``; keep the two in step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -83,3 +84,12 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+def file_md5(path: Path) -> str:
+    """md5 of a file's bytes: the digest DVC records for it, so the DVC cache can be looked up by it."""
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

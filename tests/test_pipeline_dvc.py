@@ -20,7 +20,7 @@ from tasks.dvc_ops import status_clean
 from tests.workspace_factory import make_workspace, run
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "prepare", "validate", "sft", "reward", "ppo", "dpo", "evaluate"]
+STAGES = ["ingest", "prepare", "validate", "sft", "reward", "ppo", "dpo", "evaluate", "promote"]
 ALWAYS_RUN = {"ingest"}  # always_changed: it checks the sources, and rewrites nothing when they did not change
 
 
