@@ -121,8 +121,10 @@ def test_final_policy_is_registered_with_lineage_and_loads_back(workspace, mlflo
     import torch
 
     client = _mlflow_client(mlflow_server)
-    version = client.get_model_version_by_alias("rlhf-policy", "champion")  # the first run crowns its policy
-    assert version.tags["promotion.decision"] == "promoted" and version.tags["promotion.against"] == "reference"
+    version = client.get_model_version_by_alias("rlhf-policy", "champion")  # crowned by the first run or the dpo.beta re-run
+    assert version.tags["promotion.decision"] == "promoted" and version.tags["promotion.against"] in ("reference", "champion")
+    first = client.get_model_version("rlhf-policy", "1")
+    assert first.tags["promotion.against"] == "reference"  # no champion before the first run: the absolute gate
     for tag in ("git.commit", "data.digest", "params.hash", "policy"):
         assert version.tags.get(tag), tag
     mlflow.set_tracking_uri(mlflow_server)

@@ -32,6 +32,7 @@ from tests.workspace_factory import make_workspace
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = {"sft", "reward", "ppo", "dpo"}
+EXPERIMENT, MODEL = "recurring-story", "recurring-policy"
 
 
 def _write_preferences(dest: Path, seed: int) -> None:
@@ -65,7 +66,7 @@ class Story:
         if state["type"] != "COMPLETED":
             logs = self.api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()
             pytest.fail(f"flow run {state['type']}: {state.get('message')}\n" + "\n".join(x["message"][-2000:] for x in logs[-40:]))
-        experiment = self.client.get_experiment_by_name("rlhf-pipeline")
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
         [parent] = self.client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
         children = self.client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         return {"parent": parent, "tags": parent.data.tags, "ran": {c.data.tags["stage"] for c in children}}
@@ -73,7 +74,7 @@ class Story:
     def champion(self):
         from tasks.registry import version_by_alias
 
-        return version_by_alias(self.client, "rlhf-policy")
+        return version_by_alias(self.client, MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,9 @@ def story(tmp_path_factory, mlflow_server, prefect_server):
     incoming = base / "incoming"
     incoming.mkdir()
     _write_preferences(incoming / "prefs.jsonl", seed=0)
-    ws = make_workspace(base / "ws", [f"prepare.preference_data={incoming / 'prefs.jsonl'}"])
+    # Its own experiment and model name: other modules register into the same session-wide MLflow server.
+    ws = make_workspace(base / "ws", [f"prepare.preference_data={incoming / 'prefs.jsonl'}",
+                                      f"tracking.experiment={EXPERIMENT}", f"tracking.registered_model={MODEL}"])
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "RLHF_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": mlflow_server,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     prefect_cli(["work-pool", "create", "cpu", "--type", "process"], env, ws)
@@ -161,7 +164,7 @@ def test_a_losing_challenger_leaves_the_alias_and_the_decision_is_recorded(story
     assert run4["tags"]["promotion.decision"] == "kept"
     assert "win rate" in run4["tags"]["promotion.reasons"]
     assert runs["champion4"].version == runs["champion3"].version
-    loser = s.client.get_model_version("rlhf-policy", run4["tags"]["promotion.challenger_version"])
+    loser = s.client.get_model_version(MODEL, run4["tags"]["promotion.challenger_version"])
     assert loser.tags["promotion.decision"] == "kept" and loser.tags["promotion.previous_champion"] == runs["champion3"].version
     report = s.client.download_artifacts(run4["parent"].info.run_id, "promotion/decision.md")
     assert "KEPT the current champion" in Path(report).read_text()
@@ -201,7 +204,7 @@ def test_status_shows_the_champion_and_every_decision_and_force_overrides(story,
     out = _rlhf(["promote", loser, "--force"], story)
     forced = runs["run4"]["tags"]["promotion.challenger_version"]
     assert s.champion().version == forced
-    assert s.client.get_model_version("rlhf-policy", forced).tags["promotion.decision"] == "forced"
+    assert s.client.get_model_version(MODEL, forced).tags["promotion.decision"] == "forced"
     assert s.client.get_run(loser).data.tags["promotion.decision"].startswith("forced")
 
 
