@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 KEY_METRICS = ("gold_reward", "rm_score", "kl_per_token", "win_rate_vs_sft/gold", "win_rate_vs_sft/rm", "distinct_2")
-
-
-def _metrics(result: dict[str, Any], stage: str) -> dict[str, Any]:
-    if "metrics" in result:  # collected by the flow (an isolated run's checkout is gone)
-        return result["metrics"].get(stage, {})
-    path = Path(result["workspace"]) / "metrics" / f"{stage}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _console() -> Console:
@@ -33,11 +24,11 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
         stages.add_row(s["stage"], "ran" if s["ran"] else "up to date (skipped)", f"{s['seconds']:.1f}")
     console.print(stages)
 
-    prepare = _metrics(result, "prepare")
+    prepare = result["metrics"].get("prepare", {})
     if "seconds/data" in prepare:
         console.print(f"data prepared in {prepare['seconds/data']:.2f}s, tokenizer trained in "
                       f"{prepare.get('seconds/tokenizer', 0.0):.2f}s (metrics/prepare.json)")
-    evaluation = _metrics(result, "evaluate")
+    evaluation = result["metrics"].get("evaluate", {})
     if evaluation:
         table = Table(title="Policies on held-out prompts (metrics/evaluate.json)")
         table.add_column("policy")
@@ -69,7 +60,7 @@ def print_promotion(result: dict[str, Any], console: Console) -> None:
     if not stage["ran"]:
         console.print("promotion: nothing new to judge, @champion unchanged (`rlhf status` shows it)")
         return
-    p = _metrics(result, "promote")
+    p = result["metrics"].get("promote", {})
     if not p:
         return
     colour = "green" if p.get("promoted") else "yellow"

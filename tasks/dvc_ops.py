@@ -46,9 +46,18 @@ def _paths(entries: list) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
 
 
+def _stages(root: Path) -> dict:
+    return (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+
+
+def always_changed_stages(root: Path) -> set[str]:
+    """Stages DVC re-runs every time (``always_changed``): they read the world outside the repo (``ingest``)."""
+    return {name for name, stage in _stages(root).items() if stage.get("always_changed")}
+
+
 def stage_order(root: Path) -> list[str]:
     """Stages of ``dvc.yaml`` in dependency order (ties keep file order)."""
-    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    stages = _stages(root)
     produces = {name: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for name, s in stages.items()}
 
     def upstream(name: str) -> set[str]:

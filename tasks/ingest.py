@@ -58,6 +58,15 @@ def _dvc_cache_object(root: Path, md5: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def _remove_except(folder: Path, keep: set[str]) -> None:
+    for entry in folder.iterdir():
+        if entry.name not in keep:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
 def _ingest_file(ws: Workspace, source: SourceFile, dest: Path, known: dict[str, Any] | None,
                  previous_md5: str | None) -> tuple[str, str]:
     """Make ``dest`` hold the source file's current content; return (md5, action)."""
@@ -90,16 +99,9 @@ def ingest_source(ws: Workspace, role: str, uri: str, state: dict[str, Any], pre
         identities.append({"uri": source.uri, "md5": md5, **source.version})
         actions.append(action)
         print(f"[ingest] {role}: {source.uri} {action}", flush=True)
-    keep = {e["name"] for e in entries}
-    for stale in folder.iterdir():  # files that left the source (or an earlier source) leave the snapshot
-        if stale.name not in keep:
-            if stale.is_dir():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink()
-    # a file that left the source changes the snapshot although every remaining file is unchanged
-    changed = (any(a != "unchanged" for a in actions) or not same_uri or "rows" not in previous
-               or entries != previous.get("files"))
+    _remove_except(folder, {e["name"] for e in entries})  # files that left the source leave the snapshot
+    # Rows are counted only when the snapshot's files (names and digests) differ from the last manifest's.
+    changed = entries != previous.get("files") or "rows" not in previous
     rows = sum(count_rows(folder / e["name"]) or 0 for e in entries) if changed else previous["rows"]
     manifest = {"uri": uri, "files": entries, "rows": rows}
     identity = {
@@ -127,9 +129,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     state = _load_json(state_file).get("files", {})
     previous = _load_json(ws.sources / "manifest.json")
     ws.sources.mkdir(parents=True, exist_ok=True)
-    for stale in ws.sources.iterdir():  # roles no longer configured
-        if stale.is_dir() and stale.name not in sources:
-            shutil.rmtree(stale)
+    _remove_except(ws.sources, {*sources, "manifest.json"})  # roles no longer configured
     manifest, metrics = {}, {}
     for role, uri in sources.items():
         result = ingest_source(ws, role, uri, state, previous.get(role, {}))

@@ -95,7 +95,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
 
     name = (params.get("tracking") or {}).get("registered_model") or "rlhf-policy"
     client, uri = _client(params, ws)
-    champion = version_by_alias(client, name, CHAMPION) if client is not None else None
+    champion = version_by_alias(client, name, CHAMPION)
     if champion is not None:
         with downloaded_model(uri, name, champion.version) as (model_dir, tokenizer_dir):
             champ_tok = load_tokenizer_from(str(tokenizer_dir))
@@ -144,7 +144,7 @@ def _client(params: dict[str, Any], ws: Workspace):
 def _register(params, ws: Workspace, tracker, client, name: str, policy: str, tokenizer, record: dict) -> dict[str, Any]:
     """Register the challenger (``@challenger``); on a win, point ``@champion`` at it. Returns the version facts."""
     from rlhf_core.models import load_causal_lm
-    from tasks.registry import CHAMPION, register_model, set_alias, tag_version
+    from tasks.registry import CHAMPION, register_model, set_alias
     from tasks.tracking import PARENT_RUN_ENV, dvc_md5, git_info, params_hash
 
     git = git_info(ws.root)
@@ -153,13 +153,9 @@ def _register(params, ws: Workspace, tracker, client, name: str, policy: str, to
         "data.digest": dvc_md5(ws.prepared), "params.hash": params_hash(params),
         "pipeline.run_id": os.environ.get(PARENT_RUN_ENV, "") or tracker.run_id,
     }
-    version = register_model(tracker.run_id, load_causal_lm(str(ws.model(policy))), tokenizer, name, lineage)
-    tag_version(client, name, version.version, {
-        "promotion.decision": record["decision"], "promotion.against": record["against"],
-        "promotion.metric": record["metric"], "promotion.win_rate": f"{record['win_rate']:.4f}",
-        "promotion.ci_low": f"{record['ci_low']:.4f}", "promotion.reasons": "; ".join(record["reasons"]) or "-",
-        "promotion.previous_champion": record["previous_champion"] or "-",
-    })
+    # Lineage and the decision with its evidence go on the version as it is created (one request).
+    version = register_model(tracker.run_id, load_causal_lm(str(ws.model(policy))), tokenizer, name,
+                             {**lineage, **promotion_tags(record)})
     if record["promoted"]:
         set_alias(client, name, CHAMPION, version.version)
     return {"challenger_version": version.version,
@@ -173,15 +169,19 @@ def _tag_parent(client, report, record: dict[str, Any]) -> None:
     parent = os.environ.get(PARENT_RUN_ENV, "").strip()
     if not parent:
         return
-    for key, value in promotion_tags(record).items():
-        client.set_tag(parent, key, value)
+    from mlflow.entities import RunTag
+
+    client.log_batch(parent, tags=[RunTag(k, v) for k, v in promotion_tags(record).items()])
     client.log_artifact(parent, str(report), "promotion")
 
 
 def promotion_tags(record: dict[str, Any]) -> dict[str, str]:
+    """``promotion.*`` tags of a decision: on the registered version and on the pipeline's parent run."""
     tags = {"promotion.decision": record["decision"], "promotion.against": record["against"],
-            "promotion.win_rate": f"{record['win_rate']:.4f}", "promotion.reasons": "; ".join(record["reasons"]) or "-"}
-    for key in ("challenger_version", "champion_version", "previous_champion"):
+            "promotion.metric": record["metric"], "promotion.win_rate": f"{record['win_rate']:.4f}",
+            "promotion.ci_low": f"{record['ci_low']:.4f}", "promotion.reasons": "; ".join(record["reasons"]) or "-",
+            "promotion.previous_champion": record["previous_champion"] or "-"}
+    for key in ("challenger_version", "champion_version"):
         if record.get(key):
             tags[f"promotion.{key}"] = str(record[key])
     return tags

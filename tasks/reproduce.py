@@ -25,7 +25,6 @@ from tasks import dvc_ops
 from tasks.tracking import metrics_dir_values
 
 TIMING_KEYS = ("seconds",)
-INGEST = "ingest"  # snapshots the sources: a rebuild restores its output instead of re-reading them
 DECISIONS = ("promote",)  # decided against the registry of that day: reported as logged, not re-decided
 
 
@@ -107,17 +106,19 @@ def reproduce(workspace: Path, run_id: str, *, recompute: bool = False, tracking
         echo("[reproduce] recomputing every stage (dvc repro --force)")
         # Stage runs of the rebuild are tracked in the worktree's own MLflow store, apart from the original.
         env = {"RLHF_WORKSPACE": str(worktree), "MLFLOW_TRACKING_URI": f"sqlite:///{worktree / 'mlflow.db'}"}
+        # Stages that read the outside world (ingest's sources) are restored as the run saw it, not re-run.
+        outside = dvc_ops.always_changed_stages(worktree)
         for stage in dvc_ops.stage_order(worktree):
-            if stage == INGEST:  # the data the run used, not what the source holds today
-                echo("[reproduce] restoring the run's data snapshot from the DVC remote")
-                dvc_ops.dvc(worktree, "pull", INGEST)
+            if stage in outside:
+                echo(f"[reproduce] restoring {stage}'s outputs (the run's data snapshot) from the DVC remote")
+                dvc_ops.dvc(worktree, "pull", stage)
                 continue
             if stage in DECISIONS:
                 continue
             dvc_ops.repro_stage(worktree, stage, force=True, echo=echo, env=env)
         outputs_match = lock_out_hashes(worktree / "dvc.lock") == lock_out_hashes(Path(record["lock"]))
         for path in record["metrics"]:
-            if Path(path).stem in (INGEST, *DECISIONS):
+            if Path(path).stem in (*outside, *DECISIONS):
                 shutil.copy(path, worktree / "metrics" / Path(path).name)
     else:
         echo("[reproduce] pulling outputs from the DVC remote")

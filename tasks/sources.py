@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.data.loading import SUPPORTED_SUFFIXES, DataLoadError, _looks_like_path
+from rlhf_core.data.loading import SUPPORTED_SUFFIXES, DataLoadError, data_suffix, looks_like_path
 from tasks.workspace import Workspace
 
 ROLES = {"sft": "sft_data", "preference": "preference_data", "prompt": "prompt_data"}
@@ -44,17 +44,13 @@ class SourceFile:
         return {"size": self.size, **self.version}
 
 
-def _supported(name: str) -> bool:
-    return name.lower().endswith(SUPPORTED_SUFFIXES)
-
-
 def kind_of(uri: str) -> str:
     """``local``, ``s3``, ``fsspec`` (another URI protocol) or ``hub``."""
     if uri.startswith("s3://"):
         return "s3"
     if "://" in uri:
         return "fsspec"
-    return "local" if Path(uri).expanduser().exists() or _looks_like_path(uri) else "hub"
+    return "local" if Path(uri).expanduser().exists() or looks_like_path(uri) else "hub"
 
 
 def list_source(uri: str) -> list[SourceFile]:
@@ -129,7 +125,7 @@ def _list_local(uri: str) -> list[SourceFile]:
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _supported(p.name))
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and data_suffix(p.name))
         if not files:
             raise DataLoadError(f"{uri}: no supported data files in this folder (supported: {', '.join(SUPPORTED_SUFFIXES)})")
     else:
@@ -173,7 +169,7 @@ def _list_s3(uri: str) -> list[SourceFile]:
     bucket, key = _split_s3(uri)
     client = _s3_client()
     try:
-        if key and _supported(key):
+        if key and data_suffix(key):
             try:
                 return [_s3_file(bucket, key, client.head_object(Bucket=bucket, Key=key))]
             except ClientError as err:
@@ -182,7 +178,7 @@ def _list_s3(uri: str) -> list[SourceFile]:
                 raise
         prefix = key.rstrip("/") + "/" if key else ""
         listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix, Delimiter="/").get("Contents", [])
-        objects = sorted((o for o in listed if _supported(o["Key"])), key=lambda o: o["Key"])
+        objects = sorted((o for o in listed if data_suffix(o["Key"])), key=lambda o: o["Key"])
         if not objects:
             raise DataLoadError(f"{uri}: no supported data files under this prefix (supported: {', '.join(SUPPORTED_SUFFIXES)})")
         # A listing carries ETags but not version ids: ask each object (one HEAD per file, still no download).
@@ -199,7 +195,7 @@ def _list_fsspec(uri: str) -> list[SourceFile]:
 
     try:
         fs, path = fsspec.core.url_to_fs(uri)
-        paths = [path] if _supported(path) else sorted(p for p in fs.ls(path, detail=False) if _supported(p))
+        paths = [path] if data_suffix(path) else sorted(p for p in fs.ls(path, detail=False) if data_suffix(p))
         infos = [fs.info(p) for p in paths]
     except (ImportError, ValueError, OSError) as err:
         raise DataLoadError(f"{uri}: cannot list or read: {err}") from err

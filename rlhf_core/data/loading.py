@@ -86,7 +86,7 @@ def local_files(
                 except OSError as err:
                     raise DataLoadError(f"{fs.unstrip_protocol(obj)}: cannot download: {err}") from err
                 files.append((local, Path(obj).name, fs.unstrip_protocol(obj)))
-            yield _checked(files, source_name, utf8, single=_data_suffix(text) is not None)
+            yield _checked(files, source_name, utf8, single=data_suffix(text) is not None)
         return
     path = Path(text).expanduser()
     if path.is_dir():
@@ -94,7 +94,7 @@ def local_files(
         yield _checked(files, source_name, utf8, single=False)
     elif path.is_file():
         yield _checked([(path, path.name, str(path))], source_name, utf8, single=True)
-    elif _looks_like_path(text):
+    elif looks_like_path(text):
         raise DataLoadError(f"{source_name or text}: no such file or folder")
     else:
         yield None
@@ -106,7 +106,7 @@ def _checked(files: list[tuple[Path, str, str]], source_name: str | None, utf8: 
     for path, name, default in files:
         if source_name is None:
             shown = default
-        elif single or (len(files) == 1 and _data_suffix(source_name)):
+        elif single or (len(files) == 1 and data_suffix(source_name)):
             shown = source_name
         else:
             shown = f"{source_name.rstrip('/')}/{name}"
@@ -115,7 +115,7 @@ def _checked(files: list[tuple[Path, str, str]], source_name: str | None, utf8: 
     return out
 
 
-def _data_suffix(name: str) -> str | None:
+def data_suffix(name: str) -> str | None:
     lowered = name.lower()
     return next((s for s in SUPPORTED_SUFFIXES if lowered.endswith(s)), None)
 
@@ -124,11 +124,11 @@ def _builder(suffix: str) -> str:
     return "parquet" if suffix == ".parquet" else "json"
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
     """True for strings a user meant as a local path (so a typo is not sent to the hub)."""
     if text.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(text):
         return True
-    return _data_suffix(text) is not None or text.lower().endswith(_PATH_HINT_SUFFIXES)
+    return data_suffix(text) is not None or text.lower().endswith(_PATH_HINT_SUFFIXES)
 
 
 def _unsupported(name: str) -> DataLoadError:
@@ -137,7 +137,7 @@ def _unsupported(name: str) -> DataLoadError:
 
 def _folder_files(folder: Path, shown: str) -> list[str]:
     entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    files = [p for p in entries if _data_suffix(p.name)]
+    files = [p for p in entries if data_suffix(p.name)]
     if not files:
         found = ", ".join(p.name for p in entries) or "nothing"
         raise DataLoadError(
@@ -152,7 +152,7 @@ def _remote_objects(uri: str, storage_options: dict[str, Any]) -> tuple[Any, lis
 
     try:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-        if _data_suffix(uri):
+        if data_suffix(uri):
             if not fs.exists(path):
                 raise DataLoadError(f"{uri}: no such object")
             return fs, [path]
@@ -160,7 +160,7 @@ def _remote_objects(uri: str, storage_options: dict[str, Any]) -> tuple[Any, lis
             raise DataLoadError(
                 f"{uri}: no such object or prefix, or an unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)})"
             )
-        objects = sorted(p for p in fs.ls(path, detail=False) if _data_suffix(p))
+        objects = sorted(p for p in fs.ls(path, detail=False) if data_suffix(p))
     except DataLoadError:
         raise
     except (ImportError, ValueError) as err:  # unknown protocol, or its package is missing
@@ -182,7 +182,7 @@ def _check_local_file(path: Path, shown: str | None = None, *, utf8: bool = True
     ``utf8=False``: text that is not UTF-8 is left to the caller (``read_rows`` reports it per line).
     """
     shown = shown or str(path)
-    if _data_suffix(path.name) is None:
+    if data_suffix(path.name) is None:
         raise _unsupported(shown)
     if path.stat().st_size == 0:
         raise DataLoadError(f"{shown}: empty file")
@@ -202,7 +202,7 @@ def _check_local_file(path: Path, shown: str | None = None, *, utf8: bool = True
 
 def _load_files(files: list[str], *, label: str, shown: dict[str, str] | None = None) -> datasets.Dataset:
     """Local files -> one dataset; ``shown`` maps a temporary copy to the name users know."""
-    builders = {_builder(_data_suffix(f) or "") for f in files}
+    builders = {_builder(data_suffix(f) or "") for f in files}
     if len(builders) > 1:
         raise DataLoadError(f"{label}: mixes JSON and Parquet files; keep one kind per folder")
     try:
@@ -217,7 +217,7 @@ def _load_files(files: list[str], *, label: str, shown: dict[str, str] | None = 
 def _explain_failure(files: list[str], label: str, err: Exception, shown: dict[str, str]) -> DataLoadError:
     """Find the broken file and line (JSON files); else pass on the library's reason."""
     for name in files:
-        if _builder(_data_suffix(name) or "") == "json":
+        if _builder(data_suffix(name) or "") == "json":
             problem = _json_problem(Path(name))
             if problem:
                 return DataLoadError(f"{shown.get(name, name)}: {problem}")
