@@ -180,7 +180,7 @@ def promotion_tags(record: dict[str, Any]) -> dict[str, str]:
     tags = {"promotion.decision": record["decision"], "promotion.against": record["against"],
             "promotion.metric": record["metric"], "promotion.win_rate": f"{record['win_rate']:.4f}",
             "promotion.ci_low": f"{record['ci_low']:.4f}", "promotion.reasons": "; ".join(record["reasons"]) or "-",
-            "promotion.previous_champion": record["previous_champion"] or "-"}
+            "promotion.previous_champion": str(record["previous_champion"] or "-")}  # versions: int or str by store
     for key in ("challenger_version", "champion_version"):
         if record.get(key):
             tags[f"promotion.{key}"] = str(record[key])
