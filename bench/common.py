@@ -6,6 +6,7 @@ readings never mix between runs. torch is imported only where CUDA memory is rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -102,10 +103,9 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return
-        try:
+        # Not Linux (or not permitted): peak readings then cover the whole process.
+        with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass  # not Linux (or not permitted): peak readings then cover the whole process
 
     def peak_mb(self) -> float:
         if self.device == "cuda":

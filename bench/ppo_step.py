@@ -23,7 +23,14 @@ from bench.common import OFFLINE_ENV, markdown_table, median
 def setup(work: Path, device: str):
     from rlhf_core.data.formats import normalize
     from rlhf_core.data.loading import load_records
-    from rlhf_core.models import TinyModelConfig, build_tiny_causal_lm, load_causal_lm, load_reward_model, save_model, train_tokenizer
+    from rlhf_core.models import (
+        TinyModelConfig,
+        build_tiny_causal_lm,
+        load_causal_lm,
+        load_reward_model,
+        save_model,
+        train_tokenizer,
+    )
     from rlhf_core.synthetic import generate_task
     from rlhf_core.trainers.sft import SFTConfig, train_sft
 

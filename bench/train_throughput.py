@@ -39,9 +39,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import torch
@@ -225,7 +226,7 @@ class _Probe(TrainerCallback):
         self.losses: list[float] = []
         self.settings: dict[str, str] = {}
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - Trainer's signature
+    def on_train_begin(self, args, state, control, **kwargs):
         self.settings = {name: str(getattr(args, name, None)) for name in COMPARED_SETTINGS}
         self.settings["model_dtype"] = str(getattr(kwargs.get("model"), "dtype", None))
         self.settings["optimizer"] = type(getattr(kwargs.get("optimizer"), "optimizer", kwargs.get("optimizer"))).__name__
@@ -235,14 +236,14 @@ class _Probe(TrainerCallback):
         self.memory.reset()
         self.clock.start()
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+    def on_step_end(self, args, state, control, **kwargs):
         self.clock.step_end()
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
 
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+    def on_train_end(self, args, state, control, **kwargs):
         self.train_peak_mb = self.memory.peak_mb()
 
 

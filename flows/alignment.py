@@ -27,8 +27,8 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from tasks import dvc_ops
-from tasks.params import apply_overrides, load_params
 from tasks.isolation import isolated_checkout
+from tasks.params import apply_overrides, load_params
 from tasks.parent_run import close_parent_run, open_parent_run
 from tasks.tracking import PARENT_RUN_ENV, git_info, resolve_tracking_uri
 

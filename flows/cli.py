@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -25,8 +24,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", "-S", help="Override a parameter, e.g. --set dpo.beta=0.2 (repeatable)."),
     stage: list[str] = typer.Option([], "--stage", help="Run only this stage (repeatable); default: all."),
     push: bool = typer.Option(True, "--push/--no-push", help="Push outputs to the DVC remote at the end."),
-    remote: Optional[str] = typer.Option(None, help="DVC remote to push to (default: the repo's default remote)."),
-    ref: Optional[str] = typer.Option(None, "--ref", help="Run isolated from this git ref's committed state (as the "
+    remote: str | None = typer.Option(None, help="DVC remote to push to (default: the repo's default remote)."),
+    ref: str | None = typer.Option(None, "--ref", help="Run isolated from this git ref's committed state (as the "
                                       "deployments do) instead of in the workspace; overrides then stay in that run."),
 ) -> None:
     """Run the whole pipeline as a Prefect flow (embedded defaults: no servers needed).
@@ -81,7 +80,7 @@ def reproduce(
     run_id: str = typer.Argument(..., help="Parent MLflow run id of a pipeline run (printed by `rlhf run`)."),
     workspace: Path = WORKSPACE,
     recompute: bool = typer.Option(False, "--recompute", help="Recompute every stage instead of pulling outputs."),
-    worktree: Optional[Path] = typer.Option(None, help="Where to rebuild (default: a new temporary folder)."),
+    worktree: Path | None = typer.Option(None, help="Where to rebuild (default: a new temporary folder)."),
 ) -> None:
     """Rebuild a past run from its logged params.yaml, dvc.lock and git commit; report whether it matches."""
     from flows import env_defaults

@@ -6,8 +6,8 @@ responses once and scores them every way. The ``evaluate`` stage calls it for SF
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 

@@ -101,13 +101,13 @@ def _dpo_sigmoid(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
     return -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
 
 
-def _dpo_ipo(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:  # noqa: ARG001 - registry signature
+def _dpo_ipo(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
     """IPO (Azar et al. 2023, Eq. 17, τ = β): ``(Δ − 1/(2β))²``. Feed length-averaged log-probs, as the
     authors' results do (``sequence_logprobs(..., average=True)``)."""
     return (logits - 1 / (2 * beta)) ** 2
 
 
-def _dpo_hinge(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:  # noqa: ARG001 - registry signature
+def _dpo_hinge(logits: Tensor, beta: float, label_smoothing: float) -> Tensor:
     """SLiC hinge (Zhao et al. 2023, Eq. 2 with δ = 1/β, scaled by β): ``max(0, 1 − βΔ)``."""
     return torch.relu(1 - beta * logits)
 

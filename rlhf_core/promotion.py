@@ -18,8 +18,9 @@ against the reference policy (SFT) instead, the absolute gate.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 

@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks.sources import (
-    SourceFile, configured_sources, count_rows, fetch, list_source, snapshot_path, source_tags, state_dir,
+    SourceFile,
+    configured_sources,
+    count_rows,
+    fetch,
+    list_source,
+    snapshot_path,
+    source_tags,
+    state_dir,
 )
 from tasks.workspace import Workspace, file_md5, write_json
 
@@ -53,7 +60,7 @@ def _dvc_cache_object(root: Path, md5: str) -> Path | None:
 
         with Repo(str(root)) as repo:
             path = Path(repo.cache.local.oid_to_path(md5))
-    except Exception:  # noqa: BLE001 -- no DVC repo or cache: fall back to downloading
+    except Exception:
         return None
     return path if path.is_file() else None
 

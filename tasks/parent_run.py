@@ -8,9 +8,10 @@ the git commit and dirty flag, and the Prefect flow-run id (``tasks.tracking.log
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tasks.tracking import (
     DEFAULT_EXPERIMENT,

@@ -31,7 +31,15 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
     from tasks.launch import is_main_process
-    from tasks.training_io import CurveRecorder, gold_reward_fn, checkpoint_dir, load_split, load_tokenizer, log_fn_of, save_model_atomically
+    from tasks.training_io import (
+        CurveRecorder,
+        checkpoint_dir,
+        gold_reward_fn,
+        load_split,
+        load_tokenizer,
+        log_fn_of,
+        save_model_atomically,
+    )
 
     options = group(params, STAGE)
     reward_fn_name = options.get("reward_fn")

@@ -165,7 +165,7 @@ def build_tokenizer(model_cfg: ModelConfig, splits: dict[str, Any]):
         return load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
 
     def texts():
-        for name, ds in splits.items():
+        for ds in splits.values():
             for row in ds:
                 yield row["prompt"]
                 for col in ("completion", "chosen", "rejected"):

@@ -68,7 +68,8 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
 
     from rlhf_core.data.tokenize import encode_prompts
     from rlhf_core.evaluation import evaluate_policy, sample_responses
-    from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer as load_tokenizer_from
+    from rlhf_core.models import load_causal_lm, load_reward_model
+    from rlhf_core.models import load_tokenizer as load_tokenizer_from
     from rlhf_core.promotion import decide
     from tasks.registry import CHAMPION, downloaded_model, version_by_alias
     from tasks.stage_main import StageError

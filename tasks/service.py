@@ -3,6 +3,7 @@ putting a run's policy in service by hand (``rlhf promote RUN_ID --force``)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,6 @@ def force_promote(project_dir: Path, tracking: dict[str, Any] | None, run_id: st
             "promotion.decision": "forced", "promotion.previous_champion": previous.version if previous else "-",
         })
         parent = version.tags.get("pipeline.run_id") or run_id
-        try:
+        with contextlib.suppress(Exception):  # the parent run may have been deleted; the registry is the record
             client.set_tag(parent, "promotion.decision", f"forced: version {version.version} made @champion by hand")
-        except Exception:  # noqa: BLE001 -- the run may have been deleted; the version's tags still record it
-            pass
     return version.version, previous.version if previous else None

@@ -86,7 +86,7 @@ def fetch(source: SourceFile, dest: Path) -> None:
             _fetch_hub(source.uri, tmp)
     except DataLoadError:
         raise
-    except Exception as err:  # noqa: BLE001 -- botocore/fsspec/OS errors: name the source, keep the reason
+    except Exception as err:
         tmp.unlink(missing_ok=True)
         raise DataLoadError(f"{source.uri}: cannot download: {type(err).__name__}: {err}") from err
     tmp.replace(dest)
@@ -213,7 +213,7 @@ def _hub_file(name: str) -> SourceFile:
         from huggingface_hub import HfApi
 
         revision = HfApi().dataset_info(name).sha
-    except Exception as err:  # noqa: BLE001 -- offline, unknown or gated: all mean "cannot use this name"
+    except Exception as err:
         raise DataLoadError(
             f"{name!r} is not a local file or folder, and the hub does not answer for it as a dataset "
             f"({type(err).__name__}: {err}); no hub is reachable offline: use a local file or an s3:// URI"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -72,11 +73,11 @@ def limit_cpu_threads() -> int:
 
 def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
     """Run ``stage`` as a process; ``torch_threads=False`` for stages that never touch torch (no import cost)."""
+    import datasets
+
     from rlhf_core.data.formats import DataFormatError
     from rlhf_core.data.loading import DataLoadError
     from tasks.tracking import stage_run
-
-    import datasets
 
     datasets.disable_progress_bars()  # per-map bars drown the training log in Prefect/CI output
     if torch_threads:

@@ -352,7 +352,7 @@ def stage_run(
         except BaseException as err:
             try:  # keep the curve up to the crash; never hide the original error
                 tracker.flush()
-            except Exception as flush_err:  # noqa: BLE001
+            except Exception as flush_err:
                 logger.warning("%s: could not send buffered metrics: %s", stage, flush_err)
             mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise

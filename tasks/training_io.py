@@ -6,8 +6,9 @@ import csv
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tasks.workspace import Workspace
 
@@ -28,8 +29,8 @@ def load_tokenizer(ws: Workspace):
 def base_causal_lm(params: dict[str, Any], tokenizer, seed: int):
     """The starting model of SFT: ``model.name_or_path``, or a tiny model built from scratch."""
     from rlhf_core.models import TinyModelConfig, build_tiny_causal_lm, load_causal_lm
-    from tasks.params import typed
     from tasks.model_config import ModelConfig
+    from tasks.params import typed
 
     cfg = typed(params, "model", ModelConfig)
     if cfg.name_or_path is None:

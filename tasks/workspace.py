@@ -19,7 +19,7 @@ class Workspace:
     root: Path
 
     @classmethod
-    def here(cls) -> "Workspace":
+    def here(cls) -> Workspace:
         """The project root: ``$RLHF_WORKSPACE`` or the current directory (DVC runs stages there)."""
         return cls(Path(os.environ.get("RLHF_WORKSPACE", ".")).resolve())
 

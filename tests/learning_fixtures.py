@@ -7,8 +7,6 @@ assertions hold with margin on 2 CPU cores.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 TASK_SIZES = dict(n_sft=2000, n_pref_train=16000, n_pref_test=400, n_prompts=128, temperature=0.2)

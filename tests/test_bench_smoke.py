@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("trl")
 
-from bench.common import StepClock, markdown_table  # noqa: E402
-from bench.train_throughput import (  # noqa: E402
+from bench.common import StepClock, markdown_table
+from bench.train_throughput import (
     TRAINERS,
     RunSpec,
     Workload,

@@ -229,7 +229,8 @@ def test_render_transcript_of_a_single_user_message_is_its_text() -> None:
 
 def test_hh_rlhf_slice(fixtures_dir: Path) -> None:
     path = fixtures_dir / "public" / "hh-rlhf-harmless-base-test.jsonl.gz"
-    raw = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        raw = [json.loads(line) for line in fh]
     out = normalize(datasets.Dataset.from_list(raw), "preference")
     assert detect_format(datasets.Dataset.from_list(raw), "preference") == "hh_rlhf"
     assert len(out) == len(raw) == 20
@@ -249,7 +250,8 @@ def test_hh_rlhf_slice(fixtures_dir: Path) -> None:
 
 def test_hh_rlhf_prompt_is_the_shared_prefix_when_a_reply_contains_the_cue(fixtures_dir: Path) -> None:
     """Row 1254 of the source: the chosen reply itself contains '\\n\\nAssistant:'."""
-    raw = [json.loads(line) for line in gzip.open(fixtures_dir / "public" / "hh-rlhf-harmless-base-test.jsonl.gz", "rt")]
+    with gzip.open(fixtures_dir / "public" / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as fh:
+        raw = [json.loads(line) for line in fh]
     src = raw[18]
     assert src["chosen"].count(A) > src["rejected"].count(A)  # the quirk this test is about
     rec = normalize(datasets.Dataset.from_list([src]), "preference")[0]

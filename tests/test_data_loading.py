@@ -72,7 +72,7 @@ def test_folder_mixing_json_and_parquet_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_path_like_source_fails_clearly_without_a_hub_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_hub(*args, **kwargs):  # noqa: ANN002, ANN003
+    def no_hub(*args, **kwargs):
         raise AssertionError("a path-like source must not be sent to the hub")
 
     monkeypatch.setattr(loading.datasets, "load_dataset", no_hub)

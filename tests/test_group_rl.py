@@ -101,7 +101,7 @@ def test_equal_rewards_give_zero_advantage_not_nan() -> None:
 
 
 @pytest.mark.parametrize("fn", [group_advantages, rloo_advantages])
-def test_advantage_input_checks(fn) -> None:  # noqa: ANN001
+def test_advantage_input_checks(fn) -> None:
     with pytest.raises(ValueError, match="multiple of group_size"):
         fn(torch.zeros(7), 3)
     with pytest.raises(ValueError, match="group_size must be an int >= 2"):

@@ -27,7 +27,7 @@ from rlhf_core.models import (
 )
 from rlhf_core.models.io import resolve_dtype
 
-WORDS = "the a cat dog sat ran on under mat red big small ball house, said: hello world! 42 7 yes no".split()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "red", "big", "small", "ball", "house,", "said:", "hello", "world!", "42", "7", "yes", "no"]
 
 
 def make_texts(n: int, seed: int = 0) -> list[str]:
@@ -335,7 +335,7 @@ def test_sequence_scores_through_a_ddp_style_wrapper(tokenizer, reward_model):
             self.module = module
             self.calls = 0
 
-        def forward(self, **kwargs):  # noqa: ANN003, ANN201
+        def forward(self, **kwargs):
             self.calls += 1
             return self.module(**kwargs)
 

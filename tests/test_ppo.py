@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rlhf_core import metrics as M
+from rlhf_core.generation import generate
 from rlhf_core.models import TinyModelConfig, build_tiny_causal_lm, train_tokenizer
+from rlhf_core.models.scalar_head import token_scores
 from rlhf_core.rewards import CombinedReward, OverlapReward, RewardFn, rouge1_f
 from rlhf_core.synthetic import GoldReward, all_prompts
-from rlhf_core.generation import generate
-from rlhf_core.models.scalar_head import token_scores
 from rlhf_core.trainers.ppo import (
     PolicyAndValue,
     PPOConfig,

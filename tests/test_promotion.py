@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 from rlhf_core.promotion import (
-    PromotionCriteria, bootstrap_mean_interval, decide, paired_win_rate, sign_test_p_value,
+    PromotionCriteria,
+    bootstrap_mean_interval,
+    decide,
+    paired_win_rate,
+    sign_test_p_value,
 )
-
 
 # --------------------------------------------------------------------------- paired win rate
 

@@ -191,7 +191,7 @@ def _gae_reference(rewards, values, blocks, gamma, lam):
         v = [float(x) for x in values[i, start:end]] + [0.0]  # V past EOS is 0
         deltas = [r[k] + gamma * v[k + 1] - v[k] for k in range(len(r))]
         for k in range(len(r)):
-            adv[i, start + k] = sum((gamma * lam) ** l * deltas[k + l] for l in range(len(r) - k))
+            adv[i, start + k] = sum((gamma * lam) ** j * deltas[k + j] for j in range(len(r) - k))
     return adv
 
 

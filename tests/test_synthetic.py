@@ -85,7 +85,7 @@ def test_extract_words_lowercases_and_strips_punctuation() -> None:
 
 
 def test_gold_reward_max_is_the_sum_of_weights_and_ideal_responses_reach_it() -> None:
-    assert GOLD_REWARD_MAX == pytest.approx(sum(REWARD_WEIGHTS.values()))
+    assert pytest.approx(sum(REWARD_WEIGHTS.values())) == GOLD_REWARD_MAX
     rng = random.Random(1)
     for prompt in all_prompts():
         response = ideal_response(prompt, rng)

@@ -26,7 +26,7 @@ EXPERIMENT = {"experiment": "test-tracking"}
 
 
 @pytest.fixture
-def client(mlflow_server, monkeypatch):  # noqa: F811
+def client(mlflow_server, monkeypatch):
     """An MlflowClient of the test server, with ``$MLFLOW_TRACKING_URI`` pointing at it."""
     import mlflow
     from mlflow import MlflowClient
@@ -122,7 +122,7 @@ def test_dvc_md5_equals_dvc_own_hash(tmp_path):
 # --------------------------------------------------------------------------- against the server
 
 
-def test_stage_run_logs_params_tags_and_batched_curves(client, mlflow_server, tmp_path, monkeypatch):  # noqa: F811
+def test_stage_run_logs_params_tags_and_batched_curves(client, mlflow_server, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     # The URI comes from the configured value here; stage_run must not leave it in the environment.
@@ -182,10 +182,9 @@ def test_stage_run_nests_under_parent_from_environment(client, tmp_path, monkeyp
 
 
 def test_failing_block_marks_run_failed_and_keeps_its_curve(client, tmp_path):
-    with pytest.raises(ValueError, match="boom"):
-        with stage_run("reward", {}, project_dir=tmp_path, tracking=EXPERIMENT) as tracker:
-            tracker.log_fn({"reward/loss": 0.5}, 3)
-            raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"), stage_run("reward", {}, project_dir=tmp_path, tracking=EXPERIMENT) as tracker:
+        tracker.log_fn({"reward/loss": 0.5}, 3)
+        raise ValueError("boom")
 
     assert client.get_run(tracker.run_id).info.status == "FAILED"
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "reward/loss")] == [(3, 0.5)]
@@ -305,7 +304,7 @@ def test_register_model_into_a_run_open_elsewhere_keeps_it_running(client):
     assert version.run_id == parent
 
 
-def test_s3_server_serves_a_bucket(s3_server):  # noqa: F811
+def test_s3_server_serves_a_bucket(s3_server):
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server)

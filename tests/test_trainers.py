@@ -14,7 +14,7 @@ from rlhf_core.trainers.dpo import DPOConfig, train_dpo
 from rlhf_core.trainers.reward import RewardConfig, train_reward_model
 from rlhf_core.trainers.sft import SFTConfig, train_sft
 
-WORDS = "apple pear plum fig grape dog cat cow owl red blue green".split()
+WORDS = ["apple", "pear", "plum", "fig", "grape", "dog", "cat", "cow", "owl", "red", "blue", "green"]
 
 
 @pytest.fixture(scope="module")

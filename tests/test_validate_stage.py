@@ -67,7 +67,6 @@ def base_ws(tmp_path_factory) -> Path:
 def test_the_gate_rejects_malformed_data_naming_the_rule(case, base_ws, tmp_path, capsys):
     import tasks.prepare
     import tasks.validate
-
     from rlhf_core.data.cleaning import InvalidRowsError
     from rlhf_core.data.rules import RULES
 

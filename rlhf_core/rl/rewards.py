@@ -7,7 +7,7 @@ rewarded ``−β·kl_t`` -- and the reward model's score is added at the last re
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

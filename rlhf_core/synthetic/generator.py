@@ -41,9 +41,9 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Final
+from typing import Any, Final
 
 from rlhf_core.synthetic.gold_reward import GOLD_REWARD_MAX, REWARD_WEIGHTS, gold_reward
 from rlhf_core.synthetic.language import (

@@ -27,9 +27,9 @@ over-optimisation that the evaluation measures as proxy up, gold down.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Final, Mapping
+from typing import Final
 
 from rlhf_core.synthetic.language import TOPICS, extract_words, parse_prompt
 

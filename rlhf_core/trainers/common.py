@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -120,7 +121,7 @@ class LogFnCallback(TrainerCallback):
     def __init__(self, log_fn: LogFn | None) -> None:
         self.log_fn = log_fn
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer's signature
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if self.log_fn and logs:
             named = M.from_trainer_logs(logs)
             if named:

@@ -110,7 +110,7 @@ class DPOTrainer(StoredMetricsTrainer):
             with self.accelerator.unwrap_model(self.model).disable_adapter():  # LoRA: base model = reference
                 return pair_logps(self.model, batch, average=average)
 
-    def _batch_terms(self, model, batch):  # noqa: ANN001
+    def _batch_terms(self, model, batch):
         average = self.dpo.loss_type in LENGTH_NORMALISED
         chosen, rejected = pair_logps(model, batch, average=average)
         ref_chosen, ref_rejected = self._reference_logps(batch, average)
@@ -133,14 +133,14 @@ class DPOTrainer(StoredMetricsTrainer):
         }
         return losses, stats
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses, stats = self._batch_terms(model, inputs)
         self.store_metrics(stats)
         loss = losses.mean()
         return (loss, stats) if return_outputs else loss
 
     @torch.no_grad()
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         model = self.model.eval()
         collected: dict[str, list[torch.Tensor]] = {}
         for batch in self.get_eval_dataloader(eval_dataset):

@@ -66,9 +66,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import datasets
 import torch
@@ -91,7 +92,6 @@ from rlhf_core.rl import (
     KLController,
     compute_gae,
     compute_rewards,
-    masked_mean,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,

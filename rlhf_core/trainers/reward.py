@@ -46,7 +46,7 @@ def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
 class RewardTrainer(StoredMetricsTrainer):
     center_rewards_coefficient: float | None = None
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chosen, rejected = pair_scores(model, inputs)
         loss = reward_loss(chosen, rejected, inputs.get("margin")).mean()
         if self.center_rewards_coefficient:
@@ -56,7 +56,7 @@ class RewardTrainer(StoredMetricsTrainer):
         return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
 
     @torch.no_grad()
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         model = self.model.eval()
         chosen_all, rejected_all = [], []
         for batch in self.get_eval_dataloader(eval_dataset):

@@ -53,13 +53,13 @@ class SFTTrainer(StoredMetricsTrainer):
         correct = ((logits.detach().argmax(-1) == targets) & mask).sum()
         return loss, correct, mask.sum()
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, correct, n_tokens = self._forward(model, inputs)
         self.store_metrics({M.TOKEN_ACCURACY: correct / n_tokens.clamp(min=1)})
         return (loss, {}) if return_outputs else loss
 
     @torch.no_grad()
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:  # noqa: ANN001
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         model = self.model.eval()
         nll = correct = tokens = 0.0
         for batch in self.get_eval_dataloader(eval_dataset):

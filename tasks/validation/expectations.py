@@ -15,7 +15,7 @@ class is defined, and the classes subclass GX bases, so this module imports
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -49,7 +49,7 @@ class ColumnPairValuesDiffer(ColumnPairMapMetricProvider):
     condition_value_keys = ()
 
     @column_pair_condition_partial(engine=PandasExecutionEngine)
-    def _pandas(cls, column_A: pd.Series, column_B: pd.Series, **kwargs: Any) -> pd.Series:  # noqa: N803 (GX names)
+    def _pandas(cls, column_A: pd.Series, column_B: pd.Series, **kwargs: Any) -> pd.Series:
         # Element-wise Python equality, so list or dict values compare too instead of raising.
         return pd.Series([a != b for a, b in zip(column_A, column_B)], index=column_A.index, dtype=bool)
 
@@ -61,10 +61,7 @@ class ExpectColumnPairValuesToDiffer(ColumnPairMapExpectation):
     """
 
     # A column-pair map expectation must declare how rows with missing values are treated.
-    ignore_row_if: Union[
-        Literal["both_values_are_missing", "either_value_is_missing", "neither"],
-        SuiteParameterDict,
-    ] = pydantic.Field(default="either_value_is_missing")
+    ignore_row_if: Literal["both_values_are_missing", "either_value_is_missing", "neither"] | SuiteParameterDict = pydantic.Field(default="either_value_is_missing")
 
     map_metric: ClassVar[str] = "column_pair_values.differ"
     success_keys: ClassVar[tuple[str, ...]] = ("column_A", "column_B", "ignore_row_if", "mostly")
