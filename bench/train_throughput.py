@@ -300,7 +300,7 @@ def _run_ours(spec: RunSpec, workload: Workload, tokenizer: PreTrainedTokenizerB
     """Train with our trainer; returns the time the entry point was called (setup starts there)."""
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.dpo import DPOConfig, train_dpo
-    from rlhf_core.trainers.reward import RewardConfig, train_reward_model
+    from rlhf_core.trainers.reward_model import RewardConfig, train_reward_model
     from rlhf_core.trainers.sft import SFTConfig, train_sft
 
     kind = "sft" if spec.trainer == "sft" else "preference"

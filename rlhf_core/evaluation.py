@@ -6,7 +6,7 @@ responses once and scores them every way. The ``evaluate`` stage calls it for SF
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,8 +14,7 @@ import torch
 from rlhf_core.generation import generate
 from rlhf_core.logprobs import token_logprobs
 from rlhf_core.models.scalar_head import sequence_scores
-
-RewardFn = Callable[[list[str], list[str]], list[float]]
+from rlhf_core.reward_sources import RewardFn
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:

@@ -12,7 +12,7 @@ STAGE = "reward"
 
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     from rlhf_core.models import load_reward_model
-    from rlhf_core.trainers.reward import RewardConfig, train_reward_model
+    from rlhf_core.trainers.reward_model import RewardConfig, train_reward_model
     from tasks.training_io import run_training_stage
 
     metrics = run_training_stage(

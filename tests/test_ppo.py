@@ -13,7 +13,7 @@ from rlhf_core import metrics as M
 from rlhf_core.generation import generate
 from rlhf_core.models import TinyModelConfig, build_tiny_causal_lm, train_tokenizer
 from rlhf_core.models.scalar_head import token_scores
-from rlhf_core.rewards import CombinedReward, OverlapReward, RewardFn, rouge1_f
+from rlhf_core.reward_sources import CombinedReward
 from rlhf_core.synthetic import GoldReward, all_prompts
 from rlhf_core.trainers.ppo import (
     PolicyAndValue,
@@ -106,28 +106,20 @@ def test_train_ppo_rejects_missing_reward_and_too_few_prompts(tmp_path, tokenize
 # --- reward functions ----------------------------------------------------------------------
 
 
-def test_rouge1_f_on_hand_computed_cases():
-    # cand {the:2, cat:1} vs ref {the:1, cat:1, sat:1}: overlap 2, P = 2/3, R = 2/3, F = 2/3.
-    assert rouge1_f("The the cat", "the cat sat") == pytest.approx(2 / 3)
-    assert rouge1_f("apple pear.", "apple pear") == pytest.approx(1.0)
-    assert rouge1_f("dog", "cat") == 0.0 and rouge1_f("", "cat") == 0.0
+def test_combined_reward_weighs_reward_model_and_functions():
+    def first_word_is_apple(prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(r.split()[:1] == ["apple"]) for r in responses]
 
-
-def test_overlap_and_combined_rewards():
-    overlap = OverlapReward({"p1": "apple pear fig", "p2": "red blue"})
-    assert isinstance(overlap, RewardFn)
-    assert overlap(["p1", "p2"], ["apple pear fig", "green"]) == [pytest.approx(1.0), 0.0]
-    with pytest.raises(ValueError, match="no reference"):
-        overlap(["p3"], ["x"])
-    combined = CombinedReward({"overlap": overlap, "len": length_reward}, {"overlap": 2.0}, rm_weight=0.5)
-    total, parts = combined.parts(["p1"], ["apple pear"], rm_scores=[3.0])
-    f = rouge1_f("apple pear", "apple pear fig")
-    assert parts == {"reward_model": [3.0], "overlap": [pytest.approx(f)], "len": [1.0]}
-    assert total == [pytest.approx(0.5 * 3.0 + 2.0 * f + 1.0 * 1.0)]
+    combined = CombinedReward({"apple": first_word_is_apple, "len": length_reward}, {"apple": 2.0}, rm_weight=0.5)
+    total, parts = combined.parts(["p1", "p2"], ["apple pear", "fig"], rm_scores=[3.0, -1.0])
+    assert parts == {"reward_model": [3.0, -1.0], "apple": [1.0, 0.0], "len": [1.0, pytest.approx(0.3)]}
+    assert total == [pytest.approx(0.5 * 3.0 + 2.0 * 1.0 + 1.0), pytest.approx(0.5 * -1.0 + 0.0 + 0.3)]
     with pytest.raises(ValueError, match="reward-model scores"):
         combined(["p1"], ["apple"])
     with pytest.raises(ValueError, match="unknown reward functions"):
         CombinedReward({"a": length_reward}, {"b": 1.0})
+    only_fns = CombinedReward({"len": length_reward})
+    assert not only_fns.uses_reward_model and only_fns(["p"], ["abcde"]) == [pytest.approx(0.5)]
 
 
 # --- models --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from rlhf_core.models import TinyModelConfig, build_tiny_causal_lm, load_causal_lm, load_reward_model, save_model, train_tokenizer
 from rlhf_core.trainers.dpo import DPOConfig, train_dpo
-from rlhf_core.trainers.reward import RewardConfig, train_reward_model
+from rlhf_core.trainers.reward_model import RewardConfig, train_reward_model
 from rlhf_core.trainers.sft import SFTConfig, train_sft
 
 WORDS = ["apple", "pear", "plum", "fig", "grape", "dog", "cat", "cow", "owl", "red", "blue", "green"]

@@ -42,7 +42,7 @@ from rlhf_core.rl.group import (
 from rlhf_core.rl.kl_control import AdaptiveKLController, FixedKLController, KLController
 from rlhf_core.rl.masked import masked_mean, masked_var, masked_whiten
 from rlhf_core.rl.ppo_losses import ppo_policy_loss, ppo_value_loss
-from rlhf_core.rl.rewards import KL_ESTIMATORS, compute_rewards, kl_penalty
+from rlhf_core.rl.reward_shaping import KL_ESTIMATORS, compute_rewards, kl_penalty
 
 __all__ = [
     "GROUP_SCALES",

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from rlhf_core.rl._checks import as_bool_mask, require_same_shape
 from rlhf_core.rl.masked import masked_mean
-from rlhf_core.rl.rewards import KL_ESTIMATORS
+from rlhf_core.rl.reward_shaping import KL_ESTIMATORS
 
 GROUP_SCALES = ("group", "batch", "none")
 """What ``group_advantages`` divides by: the group's std, the batch's std, or nothing."""

@@ -77,7 +77,7 @@ def gold_reward(prompt: str, response: str) -> float:
 class GoldReward:
     """The gold reward as a batch reward function ``fn(prompts, responses) -> rewards``.
 
-    Matches ``rlhf_core.evaluation.RewardFn``; stateless, so one instance can be shared.
+    Matches ``rlhf_core.reward_sources.RewardFn``; stateless, so one instance can be shared.
     """
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:

@@ -84,7 +84,7 @@ from rlhf_core.data.tokenize import TruncationConfig, tokenize_prompts
 from rlhf_core.generation import generate
 from rlhf_core.logprobs import causal_lm_logits, entropy_from_logits, masked_token_logprobs
 from rlhf_core.models.scalar_head import sequence_scores, token_scores
-from rlhf_core.rewards import CombinedReward, RewardFn
+from rlhf_core.reward_sources import CombinedReward, RewardFn
 from rlhf_core.rl import (
     KL_ESTIMATORS,
     AdaptiveKLController,

@@ -1,4 +1,4 @@
-"""Per-token KL penalty and the shaped PPO reward (Ziegler et al. 2019; Ouyang et al. 2022).
+"""Reward shaping for PPO: the per-token KL penalty plus the sequence score at EOS (Ziegler et al. 2019; Ouyang et al. 2022).
 
 The RLHF objective maximises ``E[r_φ(x, y)] − β·KL(π_θ(·|x) ‖ π_ref(·|x))``. As in
 lm-human-preferences and TRL, the KL is spent token by token -- every response token is

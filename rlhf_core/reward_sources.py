@@ -1,69 +1,30 @@
-"""Python reward functions for RL on text: a protocol, a reference-overlap reward, and a weighted sum.
+"""Where a response's scalar reward comes from: Python reward functions and a reward model, weighed together.
 
-A reward function maps a batch of (prompt, response) strings to one float each. PPO can use one
-instead of, or beside, a learned reward model; :class:`CombinedReward` weighs them together:
+A reward function maps a batch of (prompt, response) strings to one float each (:class:`RewardFn`;
+e.g. the synthetic task's gold reward, ``rlhf_core.synthetic.GoldReward``). PPO can use one
+instead of, or beside, a learned reward model (trained by ``rlhf_core.trainers.reward_model``);
+:class:`CombinedReward` weighs them together:
 
     s(x, y) = w_RM · r_φ(x, y) + Σ_i w_i · f_i(x, y)
+
+Not to be confused with ``rlhf_core.rl.reward_shaping``, which turns this score and the KL to the
+reference into PPO's per-token rewards.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
-_WORD = re.compile(r"\w+", re.UNICODE)
 RM_PART = "reward_model"
 """Name of the reward model's part in :meth:`CombinedReward.parts`."""
 
 
-@runtime_checkable
 class RewardFn(Protocol):
     """``fn(prompts, responses) -> rewards``: one float per pair, same order, same length."""
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]: ...
-
-
-def unigrams(text: str) -> Counter[str]:
-    """Lower-cased word counts (``\\w+`` runs): the tokens ROUGE-1 compares."""
-    return Counter(word.lower() for word in _WORD.findall(text))
-
-
-def rouge1_f(candidate: str, reference: str) -> float:
-    """ROUGE-1 F1 (Lin 2004): unigram overlap of ``candidate`` with ``reference``.
-
-    ``overlap = Σ_w min(c_cand(w), c_ref(w))`` (clipped counts), ``P = overlap / |cand|``,
-    ``R = overlap / |ref|``, ``F = 2PR / (P + R)``; 0 when either text has no words or nothing overlaps.
-    """
-    cand, ref = unigrams(candidate), unigrams(reference)
-    overlap = sum((cand & ref).values())
-    if overlap == 0:
-        return 0.0
-    precision = overlap / sum(cand.values())
-    recall = overlap / sum(ref.values())
-    return 2 * precision * recall / (precision + recall)
-
-
-class OverlapReward:
-    """ROUGE-1-F reward against a reference response per prompt (``references[prompt]``).
-
-    Raises ``ValueError`` naming the prompt when a prompt has no reference: a silent 0 would
-    look like a bad response.
-    """
-
-    def __init__(self, references: Mapping[str, str]) -> None:
-        if not references:
-            raise ValueError("OverlapReward: references is empty; give {prompt: reference response}")
-        self.references = dict(references)
-
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        _check_lengths("OverlapReward", prompts, responses)
-        missing = [p for p in prompts if p not in self.references]
-        if missing:
-            raise ValueError(f"OverlapReward: no reference for {len(missing)} prompt(s), e.g. {missing[0][:80]!r}")
-        return [rouge1_f(response, self.references[prompt]) for prompt, response in zip(prompts, responses)]
 
 
 class CombinedReward:
