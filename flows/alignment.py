@@ -30,7 +30,8 @@ from tasks import dvc_ops
 from tasks.isolation import isolated_checkout
 from tasks.params import apply_overrides, load_params
 from tasks.parent_run import close_parent_run, open_parent_run
-from tasks.tracking import PARENT_RUN_ENV, git_info, resolve_tracking_uri
+from tasks.tracking.client import PARENT_RUN_ENV, resolve_tracking_uri
+from tasks.tracking.gitinfo import git_info
 
 STAGE_TIMEOUT_S = 6 * 3600
 

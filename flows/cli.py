@@ -68,7 +68,7 @@ def stage_cmd(name: str = typer.Argument(..., help="prepare | validate | sft | r
 
 def _tracking(root: Path) -> dict | None:
     from tasks.params import load_params
-    from tasks.tracking import resolve_tracking_uri
+    from tasks.tracking.client import resolve_tracking_uri
 
     params_file = root / "params.yaml"
     tracking = (load_params(params_file).get("tracking") if params_file.exists() else None) or {}

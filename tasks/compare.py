@@ -25,20 +25,19 @@ class Comparison:
 def pipeline_runs(project_dir: Path, tracking: dict[str, Any] | None, *, run_ids: list[str] | None = None, last: int | None = None,
                   finished_only: bool = True):
     """The given parent runs, or the newest ``last`` (finished) parent runs of the experiment."""
-    from tasks.parent_run import tracking_client
-    from tasks.tracking import DEFAULT_EXPERIMENT
+    from tasks.tracking.client import connect
 
-    with tracking_client(project_dir, tracking) as (client, _):
-        if run_ids:
-            return [client.get_run(r) for r in run_ids]
-        experiment = client.get_experiment_by_name((tracking or {}).get("experiment") or DEFAULT_EXPERIMENT)
-        if experiment is None:
-            return []
-        return client.search_runs(
-            [experiment.experiment_id],
-            filter_string="tags.pipeline = 'rlhf'" + (" and attributes.status = 'FINISHED'" if finished_only else ""),
-            order_by=["attributes.start_time DESC"], max_results=last or 5,
-        )
+    store = connect(project_dir, tracking)
+    if run_ids:
+        return [store.client.get_run(r) for r in run_ids]
+    experiment = store.client.get_experiment_by_name(store.experiment)
+    if experiment is None:
+        return []
+    return store.client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.pipeline = 'rlhf'" + (" and attributes.status = 'FINISHED'" if finished_only else ""),
+        order_by=["attributes.start_time DESC"], max_results=last or 5,
+    )
 
 
 def compare(runs: list) -> Comparison:

@@ -2,45 +2,25 @@
 
 Stage processes nest their runs under it through ``$RLHF_PARENT_RUN_ID``. At the end it gets
 every ``metrics/*.json`` value (also of stages DVC skipped), ``params.yaml``, ``dvc.lock``,
-the git commit and dirty flag, and the Prefect flow-run id (``tasks.tracking.log_parent_summary``).
+the git commit and dirty flag, and the Prefect flow-run id (:func:`log_parent_summary`).
+Everything goes through a client bound to the project's store (``tasks.tracking.client``).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import json
+import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tasks.tracking import (
-    DEFAULT_EXPERIMENT,
-    RECORD_DIR,
-    flatten_params,
-    log_parent_summary,
-    metrics_dir_values,
-    resolve_tracking_uri,
-)
+from tasks.tracking.client import connect, log_batched, log_tags
+from tasks.tracking.values import finite_number, flatten_params
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
-@contextmanager
-def tracking_client(project_dir: Path, tracking: dict[str, Any] | None) -> Iterator[tuple[Any, str]]:
-    """An ``MlflowClient`` for the project's tracking URI; MLflow's global URI (and the
-    ``$MLFLOW_TRACKING_URI`` it sets) is put back afterwards, so one process can serve several workspaces."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    uri = resolve_tracking_uri((tracking or {}).get("uri"), project_dir)
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield MlflowClient(uri), uri
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-            mlflow.set_tracking_uri(None)
-        else:
-            mlflow.set_tracking_uri(saved)
+RECORD_DIR = "pipeline"  # artifact folder of a parent run: params.yaml, dvc.lock, metrics/
 
 
 def open_parent_run(project_dir: Path, tracking: dict[str, Any] | None, *, run_name: str, tags: dict[str, str]) -> str:
@@ -49,23 +29,17 @@ def open_parent_run(project_dir: Path, tracking: dict[str, Any] | None, *, run_n
 
     from tasks.params import load_params
 
-    with tracking_client(project_dir, tracking) as (client, _):
-        name = (tracking or {}).get("experiment") or DEFAULT_EXPERIMENT
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-        run = client.create_run(experiment_id, run_name=run_name, tags={"pipeline": "rlhf", **tags})
-        # Every params.yaml value as a dotted param: what `rlhf compare` and the MLflow UI diff.
-        items = [Param(k, v) for k, v in flatten_params(load_params(project_dir / "params.yaml")).items()]
-        for start in range(0, len(items), 100):
-            client.log_batch(run.info.run_id, params=items[start:start + 100])
-        return run.info.run_id
+    store = connect(project_dir, tracking)
+    run = store.client.create_run(store.experiment_id(), run_name=run_name, tags={"pipeline": "rlhf", **tags})
+    # Every params.yaml value as a dotted param: what `rlhf compare` and the MLflow UI diff.
+    params = flatten_params(load_params(project_dir / "params.yaml"))
+    log_batched(store.client, run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    return run.info.run_id
 
 
 def run_tags(project_dir: Path, stages: list[dict[str, Any]] | None) -> dict[str, str]:
     """Tags that say what this run used and decided: each data source's identity (``source.*``) and,
     when ``promote`` had nothing new to judge, that the champion stayed (``promotion.*``)."""
-    import json
-
     from tasks.sources import source_tags
 
     tags: dict[str, str] = {}
@@ -80,30 +54,79 @@ def run_tags(project_dir: Path, stages: list[dict[str, Any]] | None) -> dict[str
 def close_parent_run(project_dir: Path, tracking: dict[str, Any] | None, run_id: str, *, status: str,
                      summary_tags: dict[str, str] | None = None, stages: list[dict[str, Any]] | None = None) -> str:
     """Log the summary (metrics, params.yaml, dvc.lock, tags) and end the run; returns the tracking URI."""
-    with tracking_client(project_dir, tracking) as (client, uri):
-        if status == "FINISHED":
-            log_parent_summary(
-                run_id, metrics_dir=project_dir / "metrics", params_file=project_dir / "params.yaml",
-                lock_file=project_dir / "dvc.lock", extra_tags={**run_tags(project_dir, stages), **(summary_tags or {})},
-            )
-        elif summary_tags:
-            for key, value in summary_tags.items():
-                client.set_tag(run_id, key, str(value))
-        client.set_terminated(run_id, status=status)
-        return uri
+    store = connect(project_dir, tracking)
+    if status == "FINISHED":
+        log_parent_summary(
+            store.client, run_id, metrics_dir=project_dir / "metrics", params_file=project_dir / "params.yaml",
+            lock_file=project_dir / "dvc.lock", extra_tags={**run_tags(project_dir, stages), **(summary_tags or {})},
+        )
+    elif summary_tags:
+        log_tags(store.client, run_id, summary_tags)
+    store.client.set_terminated(run_id, status=status)
+    return store.uri
+
+
+def _flatten_metrics(tree: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, raw in tree.items():
+        name = f"{prefix}/{key}"
+        if isinstance(raw, Mapping):
+            out.update(_flatten_metrics(raw, name))
+        elif (value := finite_number(raw)) is not None:
+            out[name] = value
+    return out
+
+
+def metrics_dir_values(metrics_dir: Path) -> dict[str, float]:
+    """Every finite number in ``metrics_dir/*.json`` as ``<stage>/<key>`` (nested keys joined by ``/``):
+    what the parent run logs and what ``rlhf reproduce`` compares."""
+    metrics: dict[str, float] = {}
+    for path in sorted(metrics_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from err
+        if isinstance(data, Mapping):
+            metrics.update(_flatten_metrics(data, path.stem))
+    return metrics
+
+
+def log_parent_summary(
+    client: MlflowClient, run_id: str, *, metrics_dir: Path, params_file: Path, lock_file: Path,
+    extra_tags: Mapping[str, Any],
+) -> dict[str, float]:
+    """Summarise a pipeline run on its parent run.
+
+    Logs every finite number in ``metrics_dir/*.json`` as ``<stage>/<key>`` (nested keys joined
+    by ``/``; also for stages DVC skipped), ``params_file`` and ``lock_file`` as artifacts
+    (when they exist) and ``extra_tags``. Returns the metrics it logged.
+    """
+    from mlflow.entities import Metric
+
+    metrics = metrics_dir_values(Path(metrics_dir))
+    timestamp = int(time.time() * 1000)
+    log_batched(client, run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()])
+    log_tags(client, run_id, extra_tags)
+    # The run's record, what `rlhf reproduce` rebuilds from: pipeline/{params.yaml,dvc.lock,metrics/*.json}.
+    for path in (Path(params_file), Path(lock_file)):
+        if path.is_file():
+            client.log_artifact(run_id, str(path), RECORD_DIR)
+    for path in sorted(Path(metrics_dir).glob("*.json")):
+        client.log_artifact(run_id, str(path), f"{RECORD_DIR}/metrics")
+    return metrics
 
 
 def download_run_record(project_dir: Path, tracking: dict[str, Any] | None, run_id: str, dest: Path) -> dict[str, Any]:
     """Fetch a parent run's record: commit, params.yaml, dvc.lock, metrics files and logged metric values."""
-    with tracking_client(project_dir, tracking) as (client, uri):
-        try:
-            run = client.get_run(run_id)
-        except Exception as err:  # MlflowException for an unknown id
-            raise ValueError(f"no MLflow run {run_id!r} at {uri}: {err}") from err
-        try:
-            local = Path(client.download_artifacts(run_id, RECORD_DIR, str(dest)))
-        except Exception as err:
-            raise ValueError(f"run {run_id} has no '{RECORD_DIR}/' record: is it a finished pipeline parent run? ({err})") from err
+    store = connect(project_dir, tracking)
+    try:
+        run = store.client.get_run(run_id)
+    except Exception as err:  # MlflowException for an unknown id
+        raise ValueError(f"no MLflow run {run_id!r} at {store.uri}: {err}") from err
+    try:
+        local = Path(store.client.download_artifacts(run_id, RECORD_DIR, str(dest)))
+    except Exception as err:
+        raise ValueError(f"run {run_id} has no '{RECORD_DIR}/' record: is it a finished pipeline parent run? ({err})") from err
     params, lock = local / "params.yaml", local / "dvc.lock"
     if not params.exists() or not lock.exists():
         raise ValueError(f"run {run_id} has no params.yaml/dvc.lock under '{RECORD_DIR}/': is it a pipeline parent run?")

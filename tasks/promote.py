@@ -73,6 +73,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.promotion import decide
     from tasks.registry import CHAMPION, downloaded_model, version_by_alias
     from tasks.stage_main import StageError
+    from tasks.tracking.client import connect
     from tasks.training_io import gold_reward_fn, load_tokenizer
 
     cfg = typed(params, STAGE, PromoteConfig)
@@ -95,10 +96,10 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     challenger_scores = judge(own.responses)
 
     name = (params.get("tracking") or {}).get("registered_model") or "rlhf-policy"
-    client, uri = _client(params, ws)
+    client = connect(ws.root, params.get("tracking")).client
     champion = version_by_alias(client, name, CHAMPION)
     if champion is not None:
-        with downloaded_model(uri, name, champion.version) as (model_dir, tokenizer_dir):
+        with downloaded_model(client, name, champion.version) as (model_dir, tokenizer_dir):
             champ_tok = load_tokenizer_from(str(tokenizer_dir))
             champ_model = load_causal_lm(str(model_dir)).eval()
             champ_ids = encode_prompts(champ_tok, held.prompts, held.messages)
@@ -133,29 +134,23 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _client(params: dict[str, Any], ws: Workspace):
-    from mlflow import MlflowClient
-
-    from tasks.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri((params.get("tracking") or {}).get("uri"), ws.root)
-    return MlflowClient(uri), uri
-
-
 def _register(params, ws: Workspace, tracker, client, name: str, policy: str, tokenizer, record: dict) -> dict[str, Any]:
     """Register the challenger (``@challenger``); on a win, point ``@champion`` at it. Returns the version facts."""
     from rlhf_core.models import load_causal_lm
     from tasks.registry import CHAMPION, register_model, set_alias
-    from tasks.tracking import PARENT_RUN_ENV, dvc_md5, git_info, params_hash
+    from tasks.tracking.client import PARENT_RUN_ENV
+    from tasks.tracking.dvc_hash import dvc_md5
+    from tasks.tracking.gitinfo import git_info
+    from tasks.tracking.values import params_hash
 
     git = git_info(ws.root)
     lineage = {
         "policy": policy, "git.commit": str(git.get("commit")), "git.dirty": str(git.get("dirty")),
-        "data.digest": dvc_md5(ws.prepared), "params.hash": params_hash(params),
+        "data.digest": dvc_md5(ws.prepared, ws.root), "params.hash": params_hash(params),
         "pipeline.run_id": os.environ.get(PARENT_RUN_ENV, "") or tracker.run_id,
     }
     # Lineage and the decision with its evidence go on the version as it is created (one request).
-    version = register_model(tracker.run_id, load_causal_lm(str(ws.model(policy))), tokenizer, name,
+    version = register_model(client, tracker.run_id, load_causal_lm(str(ws.model(policy))), tokenizer, name,
                              {**lineage, **promotion_tags(record)})
     if record["promoted"]:
         set_alias(client, name, CHAMPION, version.version)
@@ -165,7 +160,7 @@ def _register(params, ws: Workspace, tracker, client, name: str, policy: str, to
 
 def _tag_parent(client, report, record: dict[str, Any]) -> None:
     """The decision at a glance on the pipeline's parent run (when the flow runs this stage)."""
-    from tasks.tracking import PARENT_RUN_ENV
+    from tasks.tracking.client import PARENT_RUN_ENV
 
     parent = os.environ.get(PARENT_RUN_ENV, "").strip()
     if not parent:

@@ -33,29 +33,6 @@ def _requirement(package: str) -> str:
         return package
 
 
-@contextmanager
-def _active(run_id: str) -> Iterator[None]:
-    """Make ``run_id`` MLflow's active run for the block, leaving its status as it was.
-
-    ``mlflow.transformers.log_model`` logs into the active run only. When ``run_id`` is
-    already active (called inside :func:`stage_run`) nothing changes; otherwise the run is
-    resumed and its previous status restored (a parent run may still be RUNNING elsewhere).
-    """
-    import mlflow
-    from mlflow import MlflowClient
-
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        yield
-        return
-    client = MlflowClient()
-    status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id, nested=active is not None):
-        yield
-    if status != "FINISHED":
-        client.update_run(run_id, status=status)
-
-
 def _model_card(name: str, tags: Mapping[str, Any]) -> Any:
     """A Hugging Face model card naming the model's lineage (shown with the logged model)."""
     from huggingface_hub import ModelCard
@@ -65,30 +42,47 @@ def _model_card(name: str, tags: Mapping[str, Any]) -> Any:
 
 
 def register_model(
-    run_id: str, model: Any, tokenizer: Any, name: str, tags: Mapping[str, Any], *, alias: str | None = CHALLENGER
+    client: MlflowClient, run_id: str, model: Any, tokenizer: Any, name: str, tags: Mapping[str, Any], *,
+    alias: str | None = CHALLENGER,
 ) -> ModelVersion:
-    """Log an in-memory causal LM + tokenizer into run ``run_id`` and register it as ``name``.
+    """Log an in-memory causal LM + tokenizer as a model of run ``run_id`` and register it as ``name``.
 
-    Logged with ``mlflow.transformers.log_model`` (task ``text-generation``, explicit pip
-    requirements; objects, not a checkpoint path, which crashes with transformers 5.23).
-    ``tags`` (lineage: git commit, data digest, params hash, ...) go on the model version,
-    ``alias`` (if any) points at it. Uses the current tracking URI (set by :func:`stage_run`).
+    What ``mlflow.transformers.log_model(..., registered_model_name=name)`` does, through ``client``
+    (whose URI it is; the run may be RUNNING in another process and stays so): a LoggedModel
+    output of the run, saved by ``mlflow.transformers.save_model`` (task ``text-generation``,
+    explicit pip requirements; objects, not a checkpoint path, which crashes with
+    transformers 5.23) and uploaded, then a model version. ``tags`` (lineage: git commit, data
+    digest, params hash, ...) go on the version, ``alias`` (if any) points at it.
     """
-    import mlflow
     import mlflow.transformers
-    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
 
-    with _active(run_id):
-        info = mlflow.transformers.log_model(
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    with tempfile.TemporaryDirectory(prefix="rlhf-model-") as tmp:
+        mlflow.transformers.save_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
-            name="model",
+            path=str(Path(tmp) / "model"),
             task="text-generation",
             pip_requirements=[_requirement(p) for p in MODEL_REQUIREMENTS],
             model_card=_model_card(name, tags),  # else MLflow asks the hub for one
+            mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
+                               model_id=logged.model_id),
         )
-    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+        client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
+    client.finalize_logged_model(logged.model_id, "READY")
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = client.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id,
+                                          tags={k: str(v) for k, v in tags.items()}, model_id=logged.model_id)
     if alias:
-        MlflowClient().set_registered_model_alias(name, alias, version.version)
+        client.set_registered_model_alias(name, alias, version.version)
     return version
 
 
@@ -103,14 +97,14 @@ def version_by_alias(client: MlflowClient, name: str, alias: str = CHAMPION) -> 
 
 
 @contextmanager
-def downloaded_model(tracking_uri: str, name: str, version: str) -> Iterator[tuple[Path, Path]]:
+def downloaded_model(client: MlflowClient, name: str, version: str) -> Iterator[tuple[Path, Path]]:
     """A registered version's files in a temporary folder: (model folder, tokenizer folder),
-    as ``mlflow.transformers.log_model`` wrote them (plain ``from_pretrained`` folders)."""
+    as ``mlflow.transformers.save_model`` wrote them (plain ``from_pretrained`` folders)."""
     import mlflow.artifacts
 
     with tempfile.TemporaryDirectory(prefix="rlhf-champion-") as tmp:
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp,
-                                                        tracking_uri=tracking_uri))
+                                                        tracking_uri=client.tracking_uri))
         yield root / "model", root / "components" / "tokenizer"
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from tasks import dvc_ops
-from tasks.tracking import metrics_dir_values
 
 TIMING_KEYS = ("seconds",)
 DECISIONS = ("promote",)  # decided against the registry of that day: reported as logged, not re-decided
@@ -85,7 +84,7 @@ def _git(root: Path, *args: str) -> str:
 
 def reproduce(workspace: Path, run_id: str, *, recompute: bool = False, tracking: dict[str, Any] | None = None,
               worktree: Path | None = None, echo=print) -> ReproduceReport:
-    from tasks.parent_run import download_run_record
+    from tasks.parent_run import download_run_record, metrics_dir_values
 
     workspace = workspace.resolve()
     record_dir = Path(tempfile.mkdtemp(prefix="rlhf-record-"))

@@ -77,7 +77,7 @@ def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
 
     from rlhf_core.data.formats import DataFormatError
     from rlhf_core.data.loading import DataLoadError
-    from tasks.tracking import stage_run
+    from tasks.tracking.stage_run import stage_run
 
     datasets.disable_progress_bars()  # per-map bars drown the training log in Prefect/CI output
     if torch_threads:

@@ -28,7 +28,7 @@ import yaml
 
 import tasks.ingest as ingest
 from rlhf_core.data.loading import DataLoadError
-from tasks.tracking import dvc_md5
+from tasks.tracking.dvc_hash import dvc_md5
 from tasks.workspace import Workspace
 
 

@@ -114,4 +114,4 @@ def test_the_check_fails_when_a_dependency_is_removed(dag):
 def test_imports_inside_functions_are_followed():
     files = {p.relative_to(ROOT).as_posix() for p in imported_files(["tasks.prepare"])}
     assert "rlhf_core/synthetic/generator.py" in files  # imported inside build_splits
-    assert "tasks/tracking.py" in files  # through stage_main's lazy import
+    assert "tasks/tracking/stage_run.py" in files  # through stage_main's lazy import

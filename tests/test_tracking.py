@@ -1,26 +1,24 @@
-"""tasks/tracking.py against a real ``mlflow server`` on 127.0.0.1 (no mocks of MLflow)."""
+"""tasks/tracking/, tasks/parent_run.py and tasks/registry.py against a real ``mlflow server`` on 127.0.0.1
+(no mocks of MLflow), a real DVC repo, and an S3 artifact store (moto on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
+from tasks.parent_run import close_parent_run, download_run_record, log_parent_summary, open_parent_run
 from tasks.registry import register_model
-from tasks.tracking import (
-    PARAM_VALUE_LIMIT,
-    PARENT_RUN_ENV,
-    dvc_md5,
-    flatten_params,
-    git_info,
-    log_parent_summary,
-    params_hash,
-    resolve_tracking_uri,
-    stage_run,
-)
+from tasks.tracking.client import PARENT_RUN_ENV, connect, resolve_tracking_uri
+from tasks.tracking.dvc_hash import dvc_md5
+from tasks.tracking.gitinfo import git_info
+from tasks.tracking.stage_run import stage_run
+from tasks.tracking.values import PARAM_VALUE_LIMIT, flatten_params, params_hash
 
 EXPERIMENT = {"experiment": "test-tracking"}
 
@@ -28,21 +26,15 @@ EXPERIMENT = {"experiment": "test-tracking"}
 @pytest.fixture
 def client(mlflow_server, monkeypatch):
     """An MlflowClient of the test server, with ``$MLFLOW_TRACKING_URI`` pointing at it."""
-    import mlflow
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
-    mlflow.set_tracking_uri(mlflow_server)
-    yield MlflowClient(mlflow_server)
-    while mlflow.active_run() is not None:  # a failed test must not leave a run open for the next
-        mlflow.end_run("FAILED")
+    return MlflowClient(mlflow_server)
 
 
-def _experiment_id(client) -> str:
-    from tasks.tracking import _experiment_id
-
-    return _experiment_id(client, EXPERIMENT["experiment"])
+def _experiment_id(tmp_path) -> str:
+    return connect(tmp_path, EXPERIMENT).experiment_id()
 
 
 # --------------------------------------------------------------------------- no server needed
@@ -96,33 +88,44 @@ def test_flatten_params_and_params_hash():
     a = params_hash({"dpo": {"beta": 0.1, "seed": 1}, "sft": {"lr": 1e-4}})
     assert a == params_hash({"sft": {"lr": 1e-4}, "dpo": {"seed": 1, "beta": 0.1}})  # key order is irrelevant
     assert a != params_hash({"dpo": {"beta": 0.2, "seed": 1}, "sft": {"lr": 1e-4}})
-    assert len(a) == 64 and int(a, 16) >= 0
+    assert a == hashlib.sha256(b'{"dpo":{"beta":0.1,"seed":1},"sft":{"lr":0.0001}}').hexdigest()  # canonical JSON
 
 
-def test_dvc_md5_equals_dvc_own_hash(tmp_path):
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
+def _sh(cmd: list[str], cwd: Path) -> str:
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
 
-    out = tmp_path / "out"
-    (out / "sub" / "deeper").mkdir(parents=True)
-    (out / "a.txt").write_text("hello\n")
-    (out / "sub" / "b.bin").write_bytes(b"x\r\ny\x00" * 100)  # CRLF and NUL: no text normalisation
-    (out / "sub" / "deeper" / "c.json").write_text('{"k": 1}')
-    fs = LocalFileSystem()
-    odb = HashFileDB(fs, str(tmp_path / "odb"))
 
-    for path in (out, out / "a.txt", out / "sub" / "b.bin"):
-        _, _, obj = build(odb, str(path), fs, "md5")
-        assert dvc_md5(path) == obj.hash_info.value
+def test_dvc_md5_equals_the_md5_dvc_lock_records_and_honours_dvcignore(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _sh(["dvc", "init", "--no-scm", "-q"], repo)
+    (repo / ".dvcignore").write_text("*.tmp\n")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {
+        "cmd": "mkdir -p out/sub/deeper && echo hello > out/a.txt && printf 'x\\r\\ny\\000' > out/sub/b.bin"
+               " && echo '{\"k\": 1}' > out/sub/deeper/c.json && echo scratch > out/junk.tmp && echo one > single.txt",
+        "outs": ["out", "single.txt"],
+    }}}))
+    _sh(["dvc", "repro", "-q"], repo)
+    locked = {o["path"]: o["md5"] for o in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["make"]["outs"]}
+    assert locked["out"].endswith(".dir")
+
+    assert dvc_md5(repo / "out") == locked["out"]  # the .dvcignore'd out/junk.tmp is not part of it
+    assert dvc_md5(repo / "out", repo) == locked["out"]
+    assert dvc_md5(repo / "single.txt") == locked["single.txt"]
+    (repo / "out" / "sub" / "more.tmp").write_text("ignored too")
+    assert dvc_md5(repo / "out") == locked["out"]
+    assert dvc_md5(repo / "out", tmp_path / "elsewhere") != locked["out"]  # without the repo's rules it counts
+    (repo / "out" / "a.txt").write_text("changed\n")
+    assert dvc_md5(repo / "out") != locked["out"]
     with pytest.raises(FileNotFoundError, match="missing"):
-        dvc_md5(tmp_path / "missing")
+        dvc_md5(repo / "missing")
 
 
 # --------------------------------------------------------------------------- against the server
 
 
 def test_stage_run_logs_params_tags_and_batched_curves(client, mlflow_server, tmp_path, monkeypatch):
+    import mlflow
     from mlflow import MlflowClient
 
     # The URI comes from the configured value here; stage_run must not leave it in the environment.
@@ -136,6 +139,7 @@ def test_stage_run_logs_params_tags_and_batched_curves(client, mlflow_server, tm
         return original(self, run_id, metrics=metrics, params=params, tags=tags, synchronous=synchronous)
 
     monkeypatch.setattr(MlflowClient, "log_batch", spy)
+    global_uri = mlflow.get_tracking_uri()
     params = {"sft": {"learning_rate": 1e-4, "model": {"n_layer": 2}}, "many": {f"k{i}": i for i in range(150)}}
     losses = [1.0 / (step + 1) for step in range(250)]
 
@@ -145,6 +149,7 @@ def test_stage_run_logs_params_tags_and_batched_curves(client, mlflow_server, tm
         tracker.log_fn({"sft/nan": float("nan"), "sft/inf": float("inf"), "sft/text": "n/a", "sft/none": None}, 250)
         tracker.log_metrics({"sft/final_loss": 0.25})
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == global_uri  # MLflow's global state is left alone
 
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
@@ -168,7 +173,7 @@ def test_stage_run_logs_params_tags_and_batched_curves(client, mlflow_server, tm
 
 
 def test_stage_run_nests_under_parent_from_environment(client, tmp_path, monkeypatch):
-    parent = client.create_run(_experiment_id(client), run_name="pipeline").info.run_id  # as another process would
+    parent = client.create_run(_experiment_id(tmp_path), run_name="pipeline").info.run_id  # as another process would
     monkeypatch.setenv(PARENT_RUN_ENV, parent)
 
     with stage_run("dpo", {"dpo": {"beta": 0.1}}, project_dir=tmp_path, tracking=EXPERIMENT) as tracker:
@@ -227,13 +232,14 @@ def test_dataset_inputs_artifacts_and_output_hashes(client, tmp_path):
     assert (local / "validation" / "result.json").read_text() == '{"success": true}'
     assert (local / "data" / "sft_train.jsonl").read_bytes() == data_file.read_bytes()
 
-    expected = {"dvc.hash.data": dvc_md5(tmp_path / "data"), "dvc.hash.report/result.json": dvc_md5(report / "result.json")}
+    expected = {"dvc.hash.data": dvc_md5(tmp_path / "data", tmp_path),
+                "dvc.hash.report/result.json": dvc_md5(report / "result.json", tmp_path)}
     assert hashes == expected
     assert {k: v for k, v in run.data.tags.items() if k.startswith("dvc.hash.")} == expected
 
 
 def test_log_parent_summary(client, tmp_path):
-    parent = client.create_run(_experiment_id(client), run_name="pipeline").info.run_id
+    parent = client.create_run(_experiment_id(tmp_path), run_name="pipeline").info.run_id
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "sft.json").write_text(json.dumps({"loss": 1.5, "eval": {"accuracy": 0.75}, "model": "gpt2"}))
@@ -241,7 +247,7 @@ def test_log_parent_summary(client, tmp_path):
     (tmp_path / "params.yaml").write_text("sft:\n  learning_rate: 0.0001\n")
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
 
-    logged = log_parent_summary(parent, metrics_dir=metrics_dir, params_file=tmp_path / "params.yaml",
+    logged = log_parent_summary(client, parent, metrics_dir=metrics_dir, params_file=tmp_path / "params.yaml",
                                 lock_file=tmp_path / "dvc.lock", extra_tags={"prefect.flow_run_id": "abc-123"})
 
     expected = {"sft/loss": 1.5, "sft/eval/accuracy": 0.75, "dpo/reward_margin": 0.3}
@@ -267,14 +273,15 @@ def _tiny_gpt2():
     return GPT2LMHeadModel(config).eval(), tokenizer
 
 
-def test_register_model_round_trip(client, tmp_path):
+def test_register_model_round_trip(client, mlflow_server, tmp_path):
+    import mlflow.artifacts
     import mlflow.transformers
     import torch
 
     model, tokenizer = _tiny_gpt2()
     lineage = {"git.commit": "abc123", "data.digest": "d41d8cd9", "params.hash": params_hash({"sft": {"lr": 1e-4}})}
     with stage_run("evaluate", {}, project_dir=tmp_path, tracking=EXPERIMENT) as tracker:
-        version = register_model(tracker.run_id, model, tokenizer, "test-policy", lineage)
+        version = register_model(tracker.client, tracker.run_id, model, tokenizer, "test-policy", lineage)
 
     stored = client.get_model_version_by_alias("test-policy", "challenger")
     assert stored.version == version.version
@@ -282,7 +289,9 @@ def test_register_model_round_trip(client, tmp_path):
     assert {k: stored.tags[k] for k in lineage} == lineage
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
-    loaded = mlflow.transformers.load_model("models:/test-policy@challenger", return_type="components")
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/test-policy@challenger", tracking_uri=mlflow_server,
+                                                dst_path=str(tmp_path / "model"))
+    loaded = mlflow.transformers.load_model(local, return_type="components")
     ids = tokenizer("a b + c =", return_tensors="pt").input_ids
     assert loaded["tokenizer"]("a b + c =", return_tensors="pt").input_ids.tolist() == ids.tolist()
     with torch.no_grad():
@@ -293,22 +302,43 @@ def test_register_model_round_trip(client, tmp_path):
         assert loaded["model"].generate(ids, **kwargs).tolist() == model.generate(ids, **kwargs).tolist()
 
 
-def test_register_model_into_a_run_open_elsewhere_keeps_it_running(client):
+def test_register_model_into_a_run_open_elsewhere_keeps_it_running(client, tmp_path):
     model, tokenizer = _tiny_gpt2()
-    parent = client.create_run(_experiment_id(client), run_name="pipeline").info.run_id  # RUNNING, no active run here
+    parent = client.create_run(_experiment_id(tmp_path), run_name="pipeline").info.run_id  # RUNNING, as the flow leaves it
 
-    version = register_model(parent, model, tokenizer, "test-policy-2", {"git.commit": "abc"}, alias="champion")
+    version = register_model(client, parent, model, tokenizer, "test-policy-2", {"git.commit": "abc"}, alias="champion")
 
     assert client.get_run(parent).info.status == "RUNNING"
     assert client.get_model_version_by_alias("test-policy-2", "champion").version == version.version
     assert version.run_id == parent
 
 
-def test_s3_server_serves_a_bucket(s3_server):
+def test_parent_run_record_round_trip_through_an_s3_artifact_store(s3_server, tmp_path, monkeypatch):
+    """The deployed set-up keeps artifacts in S3 (MinIO): the flow's parent run writes its record
+    there and `rlhf reproduce` reads it back, both through the client bound to the project's URI."""
     import boto3
+    from mlflow import MlflowClient
 
-    s3 = boto3.client("s3", endpoint_url=s3_server)
-    s3.create_bucket(Bucket="rlhf-test")
-    s3.put_object(Bucket="rlhf-test", Key="a/b.txt", Body=b"hello")
-    assert s3.get_object(Bucket="rlhf-test", Key="a/b.txt")["Body"].read() == b"hello"
-    assert os.environ["AWS_ACCESS_KEY_ID"] == "testing"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server)
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="rlhf-mlflow")
+    project = tmp_path / "project"
+    (project / "metrics").mkdir(parents=True)
+    (project / "params.yaml").write_text("dpo:\n  beta: 0.1\n")
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (project / "metrics" / "dpo.json").write_text('{"eval": {"loss": 0.5}}')
+    tracking = {"uri": "sqlite:///mlflow.db", "experiment": "s3-record"}  # relative: resolved against the project
+    store = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    store.create_experiment("s3-record", artifact_location="s3://rlhf-mlflow/runs")
+
+    run_id = open_parent_run(project, tracking, run_name="pipeline-test", tags={"git.commit": "abc"})
+    close_parent_run(project, tracking, run_id, status="FINISHED")
+    record = download_run_record(project, tracking, run_id, tmp_path / "record")
+
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="rlhf-mlflow")["Contents"]}
+    assert {f"runs/{run_id}/artifacts/pipeline/{name}" for name in ("params.yaml", "dvc.lock", "metrics/dpo.json")} <= keys
+    assert record["params"].read_text() == (project / "params.yaml").read_text()
+    assert record["lock"].read_text() == (project / "dvc.lock").read_text()
+    assert record["commit"] == "abc" and record["logged_metrics"] == {"dpo/eval/loss": 0.5}
+    assert store.get_run(run_id).data.params == {"dpo.beta": "0.1"}
+    assert store.get_run(run_id).info.status == "FINISHED"

@@ -1,0 +1,103 @@
+"""Where runs go, and the one way this project reaches MLflow: a client bound to that URI.
+
+Every module that talks to MLflow gets a :class:`Tracking` from :func:`connect` (or is handed
+its ``client``) and passes the run id explicitly. MLflow's global tracking URI, the
+``$MLFLOW_TRACKING_URI`` that ``mlflow.set_tracking_uri`` exports, and the fluent "active
+run" are never touched, so one process can serve several workspaces and stores.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+PARENT_RUN_ENV = "RLHF_PARENT_RUN_ID"
+"""The flow's parent run id, passed to each stage process; the stage's run becomes its child."""
+DEFAULT_EXPERIMENT = "rlhf-pipeline"
+
+PARAMS_PER_BATCH = 100  # MLflow's limit on params (and tags) per log_batch request
+METRICS_PER_BATCH = 1000  # MLflow's limit on metrics per log_batch request
+
+
+def resolve_tracking_uri(configured: str | None = None, project_dir: Path | None = None) -> str:
+    """The tracking URI a process should use.
+
+    Precedence: ``$MLFLOW_TRACKING_URI`` (verbatim), then ``configured`` (params.yaml
+    ``tracking.uri``), then ``sqlite:///<project_dir>/mlflow.db``. A relative SQLite path or a
+    relative plain path in ``configured`` is made absolute against ``project_dir`` (default:
+    the current directory), because stage workers run in other directories.
+    """
+    from_env = os.environ.get(TRACKING_URI_ENV, "").strip()
+    if from_env:
+        return from_env
+    root = Path(project_dir if project_dir is not None else Path.cwd()).resolve()
+    if not configured:
+        return f"sqlite:///{root / 'mlflow.db'}"
+    configured = configured.strip()
+    if configured.startswith("sqlite:///"):
+        path = configured[len("sqlite:///"):]  # sqlite:////abs/x.db -> "/abs/x.db"
+        return configured if Path(path).is_absolute() else f"sqlite:///{(root / path).resolve()}"
+    if "://" not in configured and not configured.startswith("file:") and configured != "databricks":
+        return str((root / configured).resolve())  # a bare path: MLflow's file store
+    return configured
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """A project's MLflow store: the client bound to it, its URI and the experiment runs go to."""
+
+    client: MlflowClient
+    uri: str
+    experiment: str
+
+    def experiment_id(self) -> str:
+        """Id of :attr:`experiment`, created if missing (tolerates a concurrent creator)."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except MlflowException:  # another stage process created it in between
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+
+def connect(project_dir: Path, tracking: Mapping[str, Any] | None = None) -> Tracking:
+    """The project's store: ``tracking`` is params.yaml's ``tracking`` group (``uri``, ``experiment``).
+
+    The registry is the client's default for that URI (the tracking store itself, unless
+    ``$MLFLOW_REGISTRY_URI`` names another).
+    """
+    from mlflow import MlflowClient
+
+    tracking = tracking or {}
+    uri = resolve_tracking_uri(tracking.get("uri"), Path(project_dir))
+    return Tracking(MlflowClient(tracking_uri=uri), uri, tracking.get("experiment") or DEFAULT_EXPERIMENT)
+
+
+def log_batched(client: MlflowClient, run_id: str, *, metrics: Sequence[Any] = (), params: Sequence[Any] = (),
+                tags: Sequence[Any] = ()) -> None:
+    """``client.log_batch`` in as few requests as MLflow's per-request limits allow."""
+    for start in range(0, len(metrics), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=list(metrics[start:start + METRICS_PER_BATCH]))
+    for start in range(0, len(params), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=list(params[start:start + PARAMS_PER_BATCH]))
+    for start in range(0, len(tags), PARAMS_PER_BATCH):
+        client.log_batch(run_id, tags=list(tags[start:start + PARAMS_PER_BATCH]))
+
+
+def log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    log_batched(client, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
