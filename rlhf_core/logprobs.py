@@ -219,6 +219,11 @@ def sequence_logprobs(
     return total
 
 
+def scored_token_counts(completion_mask: Tensor, attention_mask: Tensor) -> Tensor:
+    """``(B,)`` number of completion tokens ``sequence_logprobs`` scores per row (at least 1): its ``average`` divisor."""
+    return _scorable(completion_mask, attention_mask).sum(-1).clamp(min=1)
+
+
 def _scorable(mask: Tensor, attention_mask: Tensor) -> Tensor:
     """``mask`` restricted to real tokens that have at least one real token before them: ``(B, T)`` bool."""
     has_context = position_ids_from_attention_mask(attention_mask) > 0  # (B, T)

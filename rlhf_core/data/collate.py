@@ -7,7 +7,8 @@ column and ``generate`` appends directly after it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -58,13 +59,17 @@ class SFTCollator:
         }
 
 
+PAIR_SIDES = ("chosen", "rejected", "kl")
+
+
 class PreferenceCollator:
     """Pairs -> right-padded chosen and rejected sequences of ONE common length T.
 
     For ``side`` in (chosen, rejected): ``{side}_input_ids`` = prompt + completion,
     ``{side}_attention_mask`` (1 on real tokens), ``{side}_completion_mask`` (1 on completion
     tokens only). All six tensors are (B, T), so a trainer can ``torch.cat`` chosen and rejected
-    into one (2B, T) forward pass.
+    into one (2B, T) forward pass. Examples that also carry ``kl_input_ids`` (KTO's mismatched
+    completions) get the same three ``kl_*`` tensors, of the same width.
     """
 
     def __init__(self, pad_token_id: int | None) -> None:
@@ -72,7 +77,8 @@ class PreferenceCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = [e["prompt_input_ids"] for e in examples]
-        sides = {side: [e[f"{side}_input_ids"] for e in examples] for side in ("chosen", "rejected")}
+        present = [side for side in PAIR_SIDES if f"{side}_input_ids" in examples[0]]
+        sides = {side: [e[f"{side}_input_ids"] for e in examples] for side in present}
         full = {side: [list(p) + list(c) for p, c in zip(prompts, comps)] for side, comps in sides.items()}
         width = max(len(s) for seqs in full.values() for s in seqs)
         batch: dict[str, torch.Tensor] = {}

@@ -1,6 +1,8 @@
-"""Direct Preference Optimization (Rafailov et al. 2023) on transformers' ``Trainer``.
+"""Direct Preference Optimization (Rafailov et al. 2023) and its offline kin on transformers' ``Trainer``.
 
-The reference policy is the starting model. By default its log-probs are computed once before
+``method`` picks the objective (``rlhf_core.trainers.offline_methods``): ``dpo`` (default),
+``simpo`` and ``orpo`` (no reference model), ``kto`` (pairs split into desirable and undesirable
+examples). The reference policy is the starting model. By default its log-probs are computed once before
 training (``reference="precomputed"``: no second model in memory, as TRL's
 ``precompute_ref_log_probs``); ``reference="live"`` keeps a frozen copy (or, with LoRA, the
 base model with adapters disabled) and scores each batch.
@@ -22,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core import metrics as M
 from rlhf_core.data.collate import PreferenceCollator
 from rlhf_core.data.tokenize import TruncationConfig, tokenize_preference
-from rlhf_core.logprobs import sequence_logprobs
+from rlhf_core.logprobs import scored_token_counts, sequence_logprobs
 from rlhf_core.losses import DPO_LOSSES, dpo_loss
 from rlhf_core.trainers.common import (
     LogFn,
@@ -34,21 +36,40 @@ from rlhf_core.trainers.common import (
     training_arguments,
 )
 from rlhf_core.trainers.lora_wrap import maybe_apply_lora
+from rlhf_core.trainers.offline_methods import (
+    METHODS,
+    NEEDS_REFERENCE,
+    PairLogps,
+    kto_terms,
+    orpo_terms,
+    simpo_terms,
+    with_mismatched_completions,
+)
 from rlhf_core.trainers.sft import TrainResult
 
 REF_FIELDS = ["ref_chosen_logps", "ref_rejected_logps"]
+KL_REF_FIELD = "ref_kl_logps"
 LENGTH_NORMALISED = {"ipo"}  # loss types fed completion-token MEAN log-probs (Azar et al. 2023)
 
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """DPO settings (the ``dpo`` group of ``params.yaml``)."""
+    """Offline preference optimisation settings (the ``dpo`` group of ``params.yaml``)."""
 
     learning_rate: float = 5e-5
+    method: str = "dpo"
+    """The objective: ``dpo``, ``simpo``, ``orpo`` or ``kto`` (``offline_methods.METHODS``)."""
     beta: float = 0.1
-    """β in DPO Eq. 7: strength of the implicit KL constraint to the reference."""
+    """β: DPO Eq. 7's strength of the implicit KL constraint; SimPO's reward scale (the paper uses
+    2–10); ORPO's weight λ of the odds-ratio term; KTO's β."""
     loss_type: str = "sigmoid"
-    """One of ``rlhf_core.losses.DPO_LOSSES``: sigmoid, ipo, hinge, robust."""
+    """``dpo`` only: one of ``rlhf_core.losses.DPO_LOSSES``: sigmoid, ipo, hinge, robust."""
+    simpo_gamma: float = 0.5
+    """``simpo`` only: the target reward margin γ (TRL's ``simpo_gamma``)."""
+    kto_desirable_weight: float = 1.0
+    """``kto`` only: w_d, the weight of desirable (chosen) examples."""
+    kto_undesirable_weight: float = 1.0
+    """``kto`` only: w_u, the weight of undesirable (rejected) examples."""
     label_smoothing: float = 0.0
     """ε: assumed share of flipped labels (conservative / robust DPO)."""
     reference: Literal["precomputed", "live"] = "precomputed"
@@ -60,6 +81,8 @@ class DPOConfig(TrainConfig):
         super().__post_init__()
         if self.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {list(METHODS)}")
         if self.loss_type not in DPO_LOSSES:
             raise ValueError(f"loss_type {self.loss_type!r} is not one of {sorted(DPO_LOSSES)}")
         if self.beta <= 0:
@@ -82,19 +105,23 @@ def precompute_reference_logps(
     model: torch.nn.Module, tokenized: datasets.Dataset, pad_token_id: int, *, average: bool, batch_size: int,
     desc: str = "reference log-probs",
 ) -> datasets.Dataset:
-    """Adds ``ref_chosen_logps``/``ref_rejected_logps`` columns scored by the (frozen) reference."""
+    """Adds ``ref_chosen_logps``/``ref_rejected_logps`` (and, for KTO, ``ref_kl_logps``) scored by the (frozen) reference."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(tokenized, batch_size=batch_size, shuffle=False, collate_fn=PreferenceCollator(pad_token_id))
-    chosen_all, rejected_all = [], []
+    chosen_all, rejected_all, kl_all = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         chosen, rejected = pair_logps(model, batch, average=average)
         chosen_all += chosen.float().cpu().tolist()
         rejected_all += rejected.float().cpu().tolist()
+        if "kl_input_ids" in batch:  # KTO's mismatched pairs
+            kl = sequence_logprobs(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
+            kl_all += kl.float().cpu().tolist()
     model.train(was_training)
-    return tokenized.add_column(REF_FIELDS[0], chosen_all).add_column(REF_FIELDS[1], rejected_all)
+    out = tokenized.add_column(REF_FIELDS[0], chosen_all).add_column(REF_FIELDS[1], rejected_all)
+    return out.add_column(KL_REF_FIELD, kl_all) if kl_all else out
 
 
 class DPOTrainer(StoredMetricsTrainer):
@@ -111,6 +138,8 @@ class DPOTrainer(StoredMetricsTrainer):
                 return pair_logps(self.model, batch, average=average)
 
     def _batch_terms(self, model, batch):
+        if self.dpo.method != "dpo":
+            return self._method_terms(model, batch)
         average = self.dpo.loss_type in LENGTH_NORMALISED
         chosen, rejected = pair_logps(model, batch, average=average)
         ref_chosen, ref_rejected = self._reference_logps(batch, average)
@@ -133,6 +162,40 @@ class DPOTrainer(StoredMetricsTrainer):
         }
         return losses, stats
 
+    def _kl_estimate(self, model, batch) -> torch.Tensor:
+        """KTO's reference point: mean of log π_θ − log π_ref on the batch's mismatched pairs, over all processes."""
+        args = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
+        with torch.no_grad():
+            policy = sequence_logprobs(model, *args)  # (B,)
+            if self.dpo.reference == "precomputed":
+                ref = batch[KL_REF_FIELD].to(policy.dtype)
+            elif self.ref_model is not None:
+                ref = sequence_logprobs(self.ref_model, *args)
+            else:
+                with self.accelerator.unwrap_model(self.model).disable_adapter():
+                    ref = sequence_logprobs(model, *args)
+        return self.accelerator.gather(policy - ref).mean()
+
+    def _method_terms(self, model, batch):
+        """SimPO, ORPO or KTO from one forward pass over the pairs (summed log-probs and token counts)."""
+        cfg = self.dpo
+        chosen, rejected = pair_logps(model, batch, average=False)
+        counts = [scored_token_counts(batch[f"{side}_completion_mask"], batch[f"{side}_attention_mask"])
+                  for side in ("chosen", "rejected")]
+        logps = PairLogps(chosen, rejected, counts[0].to(chosen.dtype), counts[1].to(chosen.dtype))
+        if cfg.method == "simpo":
+            losses, stats = simpo_terms(logps, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
+        elif cfg.method == "orpo":
+            losses, stats = orpo_terms(logps, beta=cfg.beta)
+        else:
+            losses, stats = kto_terms(logps, self._reference_logps(batch, False), self._kl_estimate(model, batch),
+                                      beta=cfg.beta, desirable_weight=cfg.kto_desirable_weight,
+                                      undesirable_weight=cfg.kto_undesirable_weight)
+        if cfg.rpo_alpha > 0 and cfg.method != "orpo":  # ORPO's NLL term is part of its loss
+            nll = -(chosen / logps.chosen_tokens)  # (B,)
+            losses = losses + cfg.rpo_alpha * (torch.cat([nll, nll]) if cfg.method == "kto" else nll)
+        return losses, stats
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses, stats = self._batch_terms(model, inputs)
         self.store_metrics(stats)
@@ -146,7 +209,7 @@ class DPOTrainer(StoredMetricsTrainer):
         for batch in self.get_eval_dataloader(eval_dataset):
             losses, stats = self._batch_terms(model, self._prepare_inputs(batch))
             for name, value in {M.LOSS: losses.detach(), **stats}.items():
-                collected.setdefault(name, []).append(value.float())
+                collected.setdefault(name, []).append(value.float().reshape(-1))  # scalars (nll_loss, kl) too
         means = {name: float(self.gather_across_processes(torch.cat(v)).mean()) for name, v in collected.items()}
         return self.finish_evaluate(means, metric_key_prefix)
 
@@ -166,18 +229,21 @@ def train_dpo(
     trunc = TruncationConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     train_tok, train_stats = tokenize_preference(train_data, tokenizer, trunc)
     eval_tok, eval_stats = tokenize_preference(eval_data, tokenizer, trunc)
+    if cfg.method == "kto":
+        train_tok = with_mismatched_completions(train_tok, cfg.max_length)
+        eval_tok = with_mismatched_completions(eval_tok, cfg.max_length)
     fields: list[str] = []
-    if cfg.reference == "precomputed":
+    if cfg.method not in NEEDS_REFERENCE:
+        ref_model = None  # SimPO and ORPO are reference-free: no reference log-probs, no frozen copy
+    elif cfg.reference == "precomputed":
         reference = ref_model if ref_model is not None else model
-        average = cfg.loss_type in LENGTH_NORMALISED
+        average = cfg.loss_type in LENGTH_NORMALISED and cfg.method == "dpo"
         kwargs = dict(average=average, batch_size=cfg.per_device_eval_batch_size)
         train_tok = precompute_reference_logps(reference, train_tok, tokenizer.pad_token_id, **kwargs)
         eval_tok = precompute_reference_logps(reference, eval_tok, tokenizer.pad_token_id, **kwargs)
-        fields = REF_FIELDS
+        fields = REF_FIELDS + ([KL_REF_FIELD] if cfg.method == "kto" else [])
     elif ref_model is None and cfg.lora is None:
         ref_model = copy.deepcopy(model)  # frozen snapshot of the starting policy
-    if ref_model is not None:
-        ref_model.eval().requires_grad_(False)
     model = maybe_apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
     trainer = DPOTrainer(
         model=model,
