@@ -1,7 +1,10 @@
-"""DVC as the pipeline's engine: stage order from ``dvc.yaml``, ``dvc repro -s``, push and pull.
+"""DVC as the pipeline's engine: the stages of ``dvc.yaml`` and their order, ``dvc repro -s``, push and pull.
 
-DVC is driven through its CLI in a subprocess in the workspace (robust where the in-process
-API is not, and one DVC call at a time per workspace: DVC holds a repo lock).
+What the pipeline is (stages, their order, params and outputs) is read through DVC's own API
+(``Repo.index``, the plan ``dvc repro`` follows, ``dvc.api.params_show``). Work that changes
+the workspace (repro, push, pull, checkout) goes through DVC's CLI in a subprocess in the
+workspace: robust where the in-process API is not (it resolves stage names against the current
+directory), and one DVC call at a time per workspace (DVC holds a repo lock).
 """
 
 from __future__ import annotations
@@ -9,15 +12,17 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-SKIP_MARKERS = ("didn't change, skipping", "is cached - skipping run")
-"""DVC's words for a stage it did not run: up to date, or restored from the run-cache."""
+STAGE_STARTED_ENV = "RLHF_STAGE_STARTED_FILE"
+"""Set by :func:`repro_stage` for the stage's command, which touches the file as it starts
+(:func:`mark_stage_started`): so a stage "ran" exactly when DVC executed its command, and not
+when DVC found it up to date or restored its outputs from the run-cache."""
 PROGRESS_BAR = re.compile(r"\d+%\|")
 PROGRESS_EVERY_S = 10.0
 
@@ -38,44 +43,49 @@ class StageFailed(RuntimeError):
 class StageOutcome:
     stage: str
     ran: bool
-    """False when DVC found the stage up to date and skipped it."""
+    """True when DVC executed the stage's command; False when it found the stage up to date or
+    restored its outputs from the run-cache."""
     seconds: float
 
 
-def _paths(entries: list) -> list[str]:
-    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+def _pipeline_stages(root: Path) -> list[Any]:
+    """The stages of ``root/dvc.yaml`` in the order ``dvc repro`` runs them (DVC's plan of its DAG)."""
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import plan_repro
+
+    dvcfile = (Path(root) / "dvc.yaml").resolve()
+    with Repo(str(root)) as repo:
+        return [s for s in plan_repro(repo.index.graph) if getattr(s, "name", None) and Path(s.dvcfile.path).resolve() == dvcfile]
 
 
-def _stages(root: Path) -> dict:
-    return (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+def stage_order(root: Path) -> list[str]:
+    """Stages of ``dvc.yaml`` in dependency order: the order ``dvc repro`` runs them."""
+    return [stage.name for stage in _pipeline_stages(root)]
 
 
 def always_changed_stages(root: Path) -> set[str]:
     """Stages DVC re-runs every time (``always_changed``): they read the world outside the repo (``ingest``)."""
-    return {name for name, stage in _stages(root).items() if stage.get("always_changed")}
+    return {stage.name for stage in _pipeline_stages(root) if stage.always_changed}
 
 
-def stage_order(root: Path) -> list[str]:
-    """Stages of ``dvc.yaml`` in dependency order (ties keep file order)."""
-    stages = _stages(root)
-    produces = {name: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")) for name, s in stages.items()}
+def _stage(root: Path, name: str) -> Any:
+    from dvc.repo import Repo
 
-    def upstream(name: str) -> set[str]:
-        deps = _paths(stages[name].get("deps"))
-        return {
-            other for other, outs in produces.items() if other != name
-            and any(d == o or d.startswith(o.rstrip("/") + "/") or o.startswith(d.rstrip("/") + "/") for d in deps for o in outs)
-        }
+    with Repo(str(root)) as repo:  # an absolute target: DVC resolves names against the current directory
+        (stage,) = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{name}")
+        return stage
 
-    order: list[str] = []
-    pending = list(stages)
-    while pending:
-        ready = [s for s in pending if upstream(s) <= set(order)]
-        if not ready:
-            raise ValueError(f"dvc.yaml has a dependency cycle among {pending}")
-        order.append(ready[0])
-        pending.remove(ready[0])
-    return order
+
+def stage_outputs(root: Path, name: str) -> list[Path]:
+    """The data and model outputs of stage ``name`` (``outs``; not its metrics and plots)."""
+    return [Path(out.fs_path) for out in _stage(root, name).outs if not out.metric and not out.plot]
+
+
+def stage_params(root: Path, name: str) -> dict[str, Any]:
+    """Only the ``params.yaml`` keys ``dvc.yaml`` lists for stage ``name``, as a nested dict (``dvc params``' view)."""
+    import dvc.api
+
+    return dvc.api.params_show(stages=[f"{Path(root).resolve() / 'dvc.yaml'}:{name}"], repo=str(root))
 
 
 def dvc(root: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -88,30 +98,42 @@ def dvc(root: Path, *args: str, env: dict[str, str] | None = None, check: bool =
 
 def repro_stage(root: Path, stage: str, *, env: dict[str, str] | None = None, echo: Callable[[str], None] = print,
                 force: bool = False) -> StageOutcome:
-    """``dvc repro -s <stage>``, streaming its output line by line through ``echo``."""
+    """``dvc repro -s <stage>``, streaming its output line by line through ``echo``.
+
+    Whether the stage ran is whether DVC executed its command (see :data:`STAGE_STARTED_ENV`).
+    """
     started = time.perf_counter()
     cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
-    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    tail: list[str] = []
-    skipped = False
-    last_bar = 0.0
-    assert proc.stdout is not None
-    for raw in proc.stdout:  # text mode splits on \r too: each progress-bar redraw is a line
-        line = raw.rstrip("\n")
-        if not line.strip():
-            continue
-        skipped = skipped or any(marker in line for marker in SKIP_MARKERS)
-        tail = (tail + [line])[-40:]
-        if PROGRESS_BAR.search(line) and "100%" not in line:
-            if time.monotonic() - last_bar < PROGRESS_EVERY_S:
-                continue  # a log line per redraw would drown the log: one every few seconds
-            last_bar = time.monotonic()
-        echo(line)
-    returncode = proc.wait()
+    with tempfile.TemporaryDirectory(prefix="rlhf-stage-") as scratch:
+        marker = Path(scratch) / "started"
+        proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}),
+                                                    STAGE_STARTED_ENV: str(marker)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        tail: list[str] = []
+        last_bar = 0.0
+        assert proc.stdout is not None
+        for raw in proc.stdout:  # text mode splits on \r too: each progress-bar redraw is a line
+            line = raw.rstrip("\n")
+            if not line.strip():
+                continue
+            tail = (tail + [line])[-40:]
+            if PROGRESS_BAR.search(line) and "100%" not in line:
+                if time.monotonic() - last_bar < PROGRESS_EVERY_S:
+                    continue  # a log line per redraw would drown the log: one every few seconds
+                last_bar = time.monotonic()
+            echo(line)
+        returncode = proc.wait()
+        ran = marker.exists()
     if returncode != 0:
         raise StageFailed(stage, returncode, tail)
-    return StageOutcome(stage=stage, ran=not skipped, seconds=time.perf_counter() - started)
+    return StageOutcome(stage=stage, ran=ran, seconds=time.perf_counter() - started)
+
+
+def mark_stage_started() -> None:
+    """Called by a stage's command as it starts: tells :func:`repro_stage` that DVC executed it."""
+    marker = os.environ.get(STAGE_STARTED_ENV)
+    if marker:
+        Path(marker).touch()
 
 
 def remote_url(workspace: Path) -> tuple[str, str] | None:

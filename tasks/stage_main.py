@@ -11,10 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from tasks.params import ParamsError, load_params
 from tasks.workspace import Workspace
@@ -24,36 +21,6 @@ StageFn = Callable[[dict[str, Any], Workspace, Any], dict[str, Any]]
 
 class StageError(RuntimeError):
     """A stage cannot go on; the message says why and what to fix."""
-
-
-def dvc_stage(ws: Workspace, stage: str) -> dict[str, Any]:
-    """The stage's entry in ``dvc.yaml`` (the one DAG)."""
-    dag = yaml.safe_load((ws.root / "dvc.yaml").read_text()) or {}
-    try:
-        return dag["stages"][stage]
-    except KeyError:
-        raise StageError(f"dvc.yaml has no stage {stage!r}") from None
-
-
-def stage_params(params: dict[str, Any], ws: Workspace, stage: str) -> dict[str, Any]:
-    """Only the dotted keys ``dvc.yaml`` lists for this stage, as a nested dict."""
-    keys = [k for entry in dvc_stage(ws, stage).get("params", []) for k in ([entry] if isinstance(entry, str) else entry)]
-    out: dict[str, Any] = {}
-    for dotted in keys:
-        node: Any = params
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        cursor = out
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = node
-    return out
-
-
-def stage_outputs(ws: Workspace, stage: str) -> list[Path]:
-    outs = dvc_stage(ws, stage).get("outs", [])
-    return [ws.root / (o if isinstance(o, str) else next(iter(o))) for o in outs]
 
 
 def limit_cpu_threads() -> int:
@@ -77,8 +44,10 @@ def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
 
     from rlhf_core.data.formats import DataFormatError
     from rlhf_core.data.loading import DataLoadError
+    from tasks.dvc_ops import mark_stage_started, stage_outputs, stage_params
     from tasks.tracking.stage_run import stage_run
 
+    mark_stage_started()  # DVC executed this stage's command: it ran (not skipped, not restored)
     datasets.disable_progress_bars()  # per-map bars drown the training log in Prefect/CI output
     if torch_threads:
         limit_cpu_threads()
@@ -91,10 +60,10 @@ def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
         if not is_main_process():  # other ranks of `accelerate launch` train; rank 0 tracks and saves
             run(params, ws, None)
             return
-        with stage_run(stage, stage_params(params, ws, stage), project_dir=ws.root, tracking=params.get("tracking")) as tracker:
+        with stage_run(stage, stage_params(ws.root, stage), project_dir=ws.root, tracking=params.get("tracking")) as tracker:
             metrics = run(params, ws, tracker)
             tracker.log_metrics(metrics)  # non-numeric and non-finite values are skipped there
-            tracker.log_output_hashes(stage_outputs(ws, stage), ws.root)
+            tracker.log_output_hashes(stage_outputs(ws.root, stage), ws.root)
     except (ParamsError, DataFormatError, DataLoadError, StageError) as err:
         print(f"\n[rlhf] stage '{stage}' failed: {err}", file=sys.stderr)
         sys.exit(1)
