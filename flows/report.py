@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-KEY_METRICS = ("gold_reward", "rm_score", "kl_per_token", "win_rate_vs_sft/gold", "win_rate_vs_sft/rm", "distinct_2")
+from rlhf_core.metrics import POLICY_HEADLINE
 
 
 def _console() -> Console:
@@ -32,7 +32,7 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
     if evaluation:
         table = Table(title="Policies on held-out prompts (metrics/evaluate.json)")
         table.add_column("policy")
-        present = [k for k in KEY_METRICS if any(f"{p}/{k}" in evaluation for p in ("sft", "ppo", "dpo"))]
+        present = [k for k in POLICY_HEADLINE if any(f"{p}/{k}" in evaluation for p in ("sft", "ppo", "dpo"))]
         for k in present:
             table.add_column(k, justify="right")
         for policy in ("sft", "ppo", "dpo"):

@@ -27,6 +27,10 @@ MARGIN = "margin"
 REWARD_MEAN = "reward_mean"
 REWARD_STD = "reward_std"
 
+# The reward model against the synthetic task's label-noise ceiling (``eval/...`` of the reward stage).
+BAYES_ACCURACY = "bayes_accuracy"
+ACCURACY_OVER_BAYES = "accuracy_over_bayes"
+
 # DPO (TRL's names).
 REWARDS_CHOSEN = "rewards/chosen"
 REWARDS_REJECTED = "rewards/rejected"
@@ -50,6 +54,16 @@ LOSS_VALUE = "loss/value"
 KL_COEF = "objective/kl_coef"
 NO_EOS_FRACTION = "objective/no_eos_fraction"
 RESPONSE_LENGTH = "objective/response_length"
+
+# A policy on held-out prompts (``rlhf_core.evaluation``); the evaluate stage writes ``<policy>/<name>``.
+GOLD_REWARD = "gold_reward"
+RM_SCORE = "rm_score"
+KL_PER_TOKEN = "kl_per_token"
+DISTINCT_2 = "distinct_2"
+WIN_RATE_VS_SFT_GOLD = "win_rate_vs_sft/gold"
+WIN_RATE_VS_SFT_RM = "win_rate_vs_sft/rm"
+POLICY_HEADLINE = (GOLD_REWARD, RM_SCORE, KL_PER_TOKEN, WIN_RATE_VS_SFT_GOLD, WIN_RATE_VS_SFT_RM, DISTINCT_2)
+"""The per-policy numbers a run's summary table shows (``rlhf run``)."""
 
 # Trainer's own log keys -> ours.
 _HF_RENAMES = {"loss": LOSS, "learning_rate": LEARNING_RATE, "grad_norm": GRAD_NORM, "epoch": EPOCH}

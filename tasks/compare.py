@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KEY_METRICS = (
-    "evaluate/sft/gold_reward", "evaluate/ppo/gold_reward", "evaluate/dpo/gold_reward",
-    "evaluate/ppo/kl_per_token", "evaluate/dpo/kl_per_token",
-    "evaluate/ppo/win_rate_vs_sft/rm", "evaluate/dpo/win_rate_vs_sft/rm",
-    "reward/eval/accuracy", "dpo/eval/rewards/accuracies", "sft/eval/loss",
+from rlhf_core import metrics as M
+
+COMPARED_METRICS = (
+    *(f"evaluate/{policy}/{M.GOLD_REWARD}" for policy in ("sft", "ppo", "dpo")),
+    *(f"evaluate/{policy}/{M.KL_PER_TOKEN}" for policy in ("ppo", "dpo")),
+    *(f"evaluate/{policy}/{M.WIN_RATE_VS_SFT_RM}" for policy in ("ppo", "dpo")),
+    f"reward/{M.key(M.EVAL, M.ACCURACY)}", f"dpo/{M.key(M.EVAL, M.REWARDS_ACCURACIES)}", f"sft/{M.key(M.EVAL, M.LOSS)}",
 )
+"""Parent-run metrics (``<stage>/<name>``) ``rlhf compare`` shows for every run that has them."""
 
 
 @dataclass
@@ -47,6 +50,6 @@ def compare(runs: list) -> Comparison:
         k: [r.data.params.get(k) for r in runs] for k in all_params
         if len({r.data.params.get(k) for r in runs}) > 1
     }
-    present = [m for m in KEY_METRICS if any(m in r.data.metrics for r in runs)]
+    present = [m for m in COMPARED_METRICS if any(m in r.data.metrics for r in runs)]
     metrics = {m: [r.data.metrics.get(m) for r in runs] for m in present}
     return Comparison(ids, [r.info.run_name or r.info.run_id[:8] for r in runs], differing, metrics)

@@ -23,6 +23,7 @@ POLICIES = ("sft", "ppo", "dpo")
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     import torch
 
+    from rlhf_core import metrics as M
     from rlhf_core.evaluation import evaluate_policy, win_rate
     from rlhf_core.models import load_causal_lm, load_reward_model
     from tasks.evaluation_report import write_plots
@@ -48,9 +49,9 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     for name, res in results.items():
         metrics.update({f"{name}/{k}": v for k, v in res.metrics.items()})
         if name != "sft":
-            metrics[f"{name}/win_rate_vs_sft/rm"] = win_rate(res.rm_scores, results["sft"].rm_scores)
+            metrics[f"{name}/{M.WIN_RATE_VS_SFT_RM}"] = win_rate(res.rm_scores, results["sft"].rm_scores)
             if res.gold is not None:
-                metrics[f"{name}/win_rate_vs_sft/gold"] = win_rate(res.gold, results["sft"].gold)
+                metrics[f"{name}/{M.WIN_RATE_VS_SFT_GOLD}"] = win_rate(res.gold, results["sft"].gold)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     samples = [
         {"policy": name, "prompt": prompts[i], "response": res.responses[i], "rm_score": res.rm_scores[i],

@@ -114,6 +114,7 @@ def checkpoint_dir(ws: Workspace, stage: str, params: dict[str, Any], inputs: li
 def run_training_stage(
     stage: str, params: dict[str, Any], ws: Workspace, tracker: Any, *, config_cls: type, train_fn: Callable,
     make_model: Callable[[Any, Any], Any], train_split: str, eval_split: str, inputs: list[Path],
+    extra_metrics: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Shared body of the ``sft``, ``reward`` and ``dpo`` stages.
 
@@ -121,6 +122,7 @@ def run_training_stage(
     trains with checkpoints under ``checkpoints/<stage>/<key>``, saves the final model to
     ``models/<stage>`` atomically, writes curves and ``metrics/<stage>.json``, and removes the
     checkpoints once the model is saved (the model itself is versioned by DVC).
+    ``extra_metrics(metrics)`` adds stage-specific numbers derived from the trained ones.
     """
     import time
 
@@ -147,6 +149,8 @@ def run_training_stage(
         **tokenize_stats("data/eval", result.eval_stats),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(metrics))
     write_json(ws.metrics(stage), metrics)
     shutil.rmtree(ckpt, ignore_errors=True)
     return metrics

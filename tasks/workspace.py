@@ -72,17 +72,18 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (a crash never leaves half a metrics file); NaN/inf become null."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (in nested dicts and lists too) replaced by None: valid JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
