@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -93,14 +92,12 @@ def test_tokenizer_round_trip(tokenizer, text):
     assert tokenizer.decode(ids) == text
 
 
-def test_train_tokenizer_speed_on_10k_texts():
+def test_train_tokenizer_on_10k_texts():
+    """How long it takes is measured by ``python -m bench.tokenizer``, not asserted here."""
     texts = make_texts(10_000, seed=1)
-    started = time.perf_counter()
     tok = train_tokenizer(texts, vocab_size=512)
-    seconds = time.perf_counter() - started
-    print(f"train_tokenizer on 10k texts: {seconds:.2f} s, vocab {len(tok)}")
-    assert seconds < 10.0
-    assert tok.decode(tok.encode(texts[0])) == texts[0]
+    assert len(tok) <= 512
+    assert all(tok.decode(tok.encode(text)) == text for text in texts[:200])
 
 
 def test_train_tokenizer_rejects_tiny_vocab():
