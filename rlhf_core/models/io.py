@@ -12,6 +12,21 @@ if TYPE_CHECKING:
 
 DType = str | torch.dtype | None
 
+BORROWED_PAD = "_rlhf_borrowed_pad_token_id"
+"""Set on a model whose ``config.pad_token_id`` was borrowed for batching (see :func:`borrow_pad_token_id`)."""
+
+
+def borrow_pad_token_id(model: torch.nn.Module, pad_token_id: int) -> None:
+    """Give ``model.config`` a pad id for this process only; :func:`save_model` does not write it.
+
+    transformers' ``*ForSequenceClassification`` refuses batches without ``config.pad_token_id``.
+    Saved, the id would change what a later load computes: Llama-style models build their
+    embedding with ``padding_idx = config.pad_token_id``, and that row (here: eos) then gets no
+    gradient. So the borrowed id stays in memory and the saved config keeps the checkpoint's.
+    """
+    model.config.pad_token_id = pad_token_id
+    setattr(model, BORROWED_PAD, True)
+
 
 def resolve_dtype(dtype: DType) -> str | torch.dtype | None:
     """Check a ``dtype`` argument: ``None``, ``"auto"``, a torch dtype, or its name (``"bfloat16"``)."""
@@ -43,7 +58,7 @@ def save_model(
     *,
     merge_lora: bool = True,
 ) -> torch.nn.Module:
-    """Write ``model`` (and ``tokenizer``) to ``out_dir`` as safetensors.
+    """Write ``model`` (and ``tokenizer``, see ``tokenizer.save_tokenizer``) to ``out_dir`` as safetensors.
 
     A peft model is merged first when ``merge_lora`` (W ← W + (α/r)·BA, adapters removed) so the
     result loads as a plain transformers model; peft merges **in place**, so use the returned
@@ -65,10 +80,18 @@ def save_model(
     if is_peft:
         model.save_pretrained(str(out_dir), safe_serialization=True)
     else:
-        # transformers 5 writes only safetensors (its save_pretrained has no other format).
-        model.save_pretrained(str(out_dir))
+        borrowed = getattr(model, BORROWED_PAD, False)
+        pad_token_id = model.config.pad_token_id
+        if borrowed:
+            model.config.pad_token_id = None
+        try:  # transformers 5 writes only safetensors (its save_pretrained has no other format).
+            model.save_pretrained(str(out_dir))
+        finally:
+            model.config.pad_token_id = pad_token_id
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+        from rlhf_core.models.tokenizer import save_tokenizer
+
+        save_tokenizer(tokenizer, out_dir)  # a pretrained tokenizer's own files, unchanged
     pickled = sorted(p.name for p in out_dir.glob("*.bin") if p.name != "training_args.bin")
     if pickled:
         raise RuntimeError(f"save_model wrote pickled weight files {pickled} to {out_dir}; expected safetensors only")

@@ -7,9 +7,11 @@ Accelerate); our trainers only override ``compute_loss`` and ``evaluate``.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -172,6 +174,29 @@ def latest_checkpoint(output_dir: str | Path) -> str | None:
     return get_last_checkpoint(str(path)) if path.is_dir() else None
 
 
+SPECIAL_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+@contextmanager
+def special_token_ids_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Keep the pad/bos/eos ids of ``model``'s config and generation config as they were.
+
+    ``Trainer.train`` copies the tokenizer's special-token ids into both (transformers'
+    ``align_special_tokens``). A pretrained model without a pad token is batched with the eos
+    token as pad (``models.load_tokenizer``); saved with ``pad_token_id = eos``, the next stage
+    would build a Llama-style embedding with ``padding_idx = eos`` and never train that row. The
+    model keeps what it came with (for the from-scratch model the ids already agree: no change).
+    """
+    configs = [c for c in (getattr(model, "config", None), getattr(model, "generation_config", None)) if c is not None]
+    kept = [{name: copy.deepcopy(getattr(c, name, None)) for name in SPECIAL_TOKEN_IDS} for c in configs]
+    try:
+        yield
+    finally:
+        for config, values in zip(configs, kept):
+            for name, value in values.items():
+                setattr(config, name, value)
+
+
 def run_training(trainer: Trainer, cfg: TrainConfig) -> dict[str, float]:
     """Train (resuming from the latest checkpoint when ``cfg.resume``), then evaluate once more.
 
@@ -180,7 +205,8 @@ def run_training(trainer: Trainer, cfg: TrainConfig) -> dict[str, float]:
     checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if checkpoint:
         print(f"[rlhf] resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with special_token_ids_kept(trainer.model):
+        trainer.train(resume_from_checkpoint=checkpoint)
     step = trainer.state.global_step
     # The Trainer already evaluated at the last step when it falls on an eval step: reuse that.
     done = [e for e in trainer.state.log_history if e.get("step") == step and "eval_loss" in e]
