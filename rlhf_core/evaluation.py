@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_core.generation import generate
-from rlhf_core.logprobs import token_logprobs
 from rlhf_core.models.scalar_head import sequence_scores
 from rlhf_core.reward_sources import RewardFn
+from rlhf_core.rollout import batch_response_logprobs, chunks, sample_batch
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -52,46 +52,32 @@ class PolicyEvaluation:
 
 
 @torch.no_grad()
-def _response_logps(model, query_response: torch.Tensor, attention_mask: torch.Tensor, n_query: int, temperature: float) -> torch.Tensor:
-    """log-probs of the response tokens: (B, R) for query_response (B, Q+R)."""
-    logps = token_logprobs(model, query_response, attention_mask, temperature=temperature)  # (B, Q+R-1)
-    return logps[:, n_query - 1:]  # column t predicts token t+1: response tokens start at Q
-
-
-@torch.no_grad()
 def evaluate_policy(
     policy, reference, reward_model, tokenizer, prompts: list[str], prompt_ids: list[list[int]], *,
     max_new_tokens: int, temperature: float, batch_size: int, seed: int, gold_fn: RewardFn | None = None,
 ) -> PolicyEvaluation:
     """Sample one response per prompt from ``policy`` and score it (RM, gold, KL to ``reference``)."""
-    out = generate(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                   do_sample=True, batch_size=batch_size, seed=seed)
-    n_query = out.query_ids.shape[1]
-    query_response = torch.cat([out.query_ids, out.response_ids], dim=1)  # (B, Q+R)
-    attention_mask = torch.cat([out.query_mask, out.response_mask], dim=1)  # (B, Q+R)
-    rm_scores, kl_seq, kl_tok = [], [], []
-    for start in range(0, len(prompts), batch_size):
-        rows = slice(start, start + batch_size)
-        ids, mask, rmask = query_response[rows], attention_mask[rows], out.response_mask[rows]
-        rm_scores += sequence_scores(reward_model, ids, mask).float().tolist()
-        pol = _response_logps(policy, ids, mask, n_query, temperature)
-        ref = _response_logps(reference, ids, mask, n_query, temperature)
-        per_seq, per_tok = sequence_kl(pol, ref, rmask.to(pol.dtype))
-        kl_seq += per_seq.tolist()
-        kl_tok += per_tok.tolist()
-    lengths = out.response_mask.sum(-1).tolist()
-    gold = gold_fn(prompts, out.texts) if gold_fn is not None else None
+    batch = sample_batch(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                         batch_size=batch_size, seed=seed)
+    rm_scores = [score for rows in chunks(len(batch), batch_size)
+                 for score in sequence_scores(reward_model, batch.query_response[rows], batch.attention_mask[rows]).float().tolist()]
+    pol = batch_response_logprobs(policy, batch, temperature, batch_size)  # (B, R)
+    ref = batch_response_logprobs(reference, batch, temperature, batch_size)  # (B, R)
+    per_seq, per_tok = sequence_kl(pol, ref, batch.response_mask.to(pol.dtype))
+    kl_seq, kl_tok = per_seq.tolist(), per_tok.tolist()
+    lengths = batch.response_mask.sum(-1).tolist()
+    gold = gold_fn(prompts, batch.texts) if gold_fn is not None else None
     metrics = {
         "rm_score": sum(rm_scores) / len(rm_scores),
         "kl_per_sequence": sum(kl_seq) / len(kl_seq),
         "kl_per_token": sum(kl_tok) / len(kl_tok),
         "response_length": sum(lengths) / len(lengths),
-        "distinct_1": distinct_n(out.texts, 1),
-        "distinct_2": distinct_n(out.texts, 2),
+        "distinct_1": distinct_n(batch.texts, 1),
+        "distinct_2": distinct_n(batch.texts, 2),
     }
     if gold is not None:
         metrics["gold_reward"] = sum(gold) / len(gold)
-    return PolicyEvaluation(out.texts, rm_scores, gold, kl_seq, kl_tok, [int(n) for n in lengths], metrics)
+    return PolicyEvaluation(batch.texts, rm_scores, gold, kl_seq, kl_tok, [int(n) for n in lengths], metrics)
 
 
 @torch.no_grad()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import datasets
@@ -14,13 +13,13 @@ from rlhf_core.generation import generate
 from rlhf_core.models import TinyModelConfig, build_tiny_causal_lm, train_tokenizer
 from rlhf_core.models.scalar_head import token_scores
 from rlhf_core.reward_sources import CombinedReward
+from rlhf_core.rollout import response_logprobs
 from rlhf_core.synthetic import GoldReward, all_prompts
 from rlhf_core.trainers.ppo import (
     PolicyAndValue,
     PPOConfig,
-    complete_checkpoints,
     disable_dropout,
-    response_logprobs,
+    saved_checkpoints,
     train_ppo,
     value_model_from_policy,
 )
@@ -204,8 +203,8 @@ def test_smoke_logs_every_metric_and_checkpoints(tmp_path, tokenizer, prompts):
     betas = [m[M.key(M.TRAIN, M.KL_COEF)] for _, m in train_logs]
     assert betas[0] == cfg.kl_coef and betas[-1] != betas[0]
     assert any(not torch.equal(start[k], v) for k, v in result.policy.state_dict().items())
-    assert [p.name for p in complete_checkpoints(cfg.output_dir)] == ["checkpoint-2", "checkpoint-3"]
-    state = json.loads((tmp_path / "ppo" / "checkpoint-3" / "ppo_state.json").read_text())
+    assert [p.name for p in saved_checkpoints(cfg.output_dir)] == ["checkpoint_2", "checkpoint_3"]
+    state = ppo_state(tmp_path / "ppo" / "checkpoints" / "checkpoint_3")
     assert state["update"] == 3 and state["reward_norm"] == result.reward_norm
     assert result.reward_norm["std"] > 0
 
@@ -230,6 +229,11 @@ def test_missing_eos_penalty_applied(tmp_path, tokenizer, prompts, mode):
     assert result.metrics[M.key(M.EVAL, M.NO_EOS_FRACTION)] == pytest.approx(no_eos)
 
 
+def ppo_state(checkpoint) -> dict:
+    """The state PPO registers with Accelerate (the first custom object of the checkpoint)."""
+    return torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+
+
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -252,14 +256,18 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
 
     def crash_at_3(metrics, step):
         if step == 3:
-            raise Crash  # after checkpoint-2, before checkpoint-4
+            raise Crash  # after checkpoint_2, before checkpoint_4
     with pytest.raises(Crash):
         run("resumed", crash_at_3)
-    assert [p.name for p in complete_checkpoints(tmp_path / "resumed")] == ["checkpoint-2"]
+    assert [p.name for p in saved_checkpoints(tmp_path / "resumed")] == ["checkpoint_2"]
+    partial = tmp_path / "resumed" / "checkpoints" / "checkpoint_4"  # a save that a crash cut short
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"cut short")
     resumed_logs: dict[int, dict] = {}
     resumed = run("resumed", lambda m, s: resumed_logs.setdefault(s, {}).update(m))
 
     assert sorted(resumed_logs) == [3, 4]  # it resumed at update 2, it did not start over
+    assert [p.name for p in saved_checkpoints(tmp_path / "resumed")] == ["checkpoint_2", "checkpoint_4"]
     for name, tensor in _weights(straight.policy).items():
         assert torch.equal(tensor, _weights(resumed.policy)[name]), name
     for name, tensor in _weights(straight.value_model).items():
@@ -270,16 +278,15 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
     assert deterministic(resumed_logs[4]) == deterministic(straight_logs[4])
     assert "timing/generation" in resumed_logs[4]
     # Optimizer moments and our own state (adaptive β, reward normalisation, counter) match too.
-    opt_a = torch.load(tmp_path / "straight" / "checkpoint-4" / "optimizer.bin", weights_only=True)["state"]
-    opt_b = torch.load(tmp_path / "resumed" / "checkpoint-4" / "optimizer.bin", weights_only=True)["state"]
+    last_a, last_b = (tmp_path / run_dir / "checkpoints" / "checkpoint_4" for run_dir in ("straight", "resumed"))
+    opt_a = torch.load(last_a / "optimizer.bin", weights_only=True)["state"]
+    opt_b = torch.load(last_b / "optimizer.bin", weights_only=True)["state"]
     assert opt_a.keys() == opt_b.keys()
     for key in opt_a:
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt_a[key][name], opt_b[key][name])
-    state_a, state_b = (json.loads((tmp_path / run_dir / "checkpoint-4" / "ppo_state.json").read_text())
-                        for run_dir in ("straight", "resumed"))
-    assert state_a.pop("config")["output_dir"] != state_b.pop("config")["output_dir"]
-    assert state_a == state_b and state_a["kl_controller"]["value"] != PPOConfig.kl_coef
+    state_a, state_b = ppo_state(last_a), ppo_state(last_b)
+    assert state_a == state_b and state_a["update"] == 4 and state_a["kl_controller"]["value"] != PPOConfig.kl_coef
 
 
 # --- learning ------------------------------------------------------------------------------

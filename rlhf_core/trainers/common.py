@@ -1,4 +1,4 @@
-"""What every trainer shares: the base config, TrainingArguments, metric plumbing, resume.
+"""What every trainer shares: the base configs, TrainingArguments, metric plumbing, resume.
 
 The loops themselves are transformers' ``Trainer`` (checkpoints, resume with optimizer,
 scheduler and RNG state, mixed precision, gradient accumulation, multi-GPU through
@@ -27,51 +27,75 @@ LogFn = Callable[[dict[str, float], int], None]
 
 
 @dataclass
-class TrainConfig:
-    """Fields shared by the SFT, reward-model and DPO trainers (a ``params.yaml`` group each)."""
+class BaseTrainConfig:
+    """Fields every trainer has, PPO's included: output, seed, optimiser, schedule, logging, checkpoints, precision.
+
+    A trainer's config inherits them (so one ``params.yaml`` key means the same everywhere) and adds
+    its own; a trainer whose defaults differ re-states only the default. "Steps" are optimizer steps
+    for the ``Trainer``-based trainers and updates for PPO.
+    """
 
     output_dir: str = "outputs/run"
-    """Where checkpoints go (``checkpoint-<step>/``); the final model is saved by the caller."""
+    """Where checkpoints go; the final model is saved by the caller."""
     seed: int = 0
     learning_rate: float = 5e-4
-    max_steps: int = 200
-    """Optimizer steps; training stops there (epochs are derived, data is cycled)."""
-    per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
+    """Passes per optimizer step."""
     warmup_ratio: float = 0.05
+    """Share of the training steps with linear warm-up."""
     weight_decay: float = 0.0
     lr_scheduler_type: str = "linear"
-    max_grad_norm: float = 1.0
+    """``transformers.get_scheduler`` name."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm at each optimizer step; ``None``: no clipping."""
     logging_steps: int = 10
     eval_steps: int = 50
-    """Evaluate on the held-out split every ``eval_steps`` optimizer steps (and at the end)."""
+    """Evaluate on the held-out split every ``eval_steps`` steps (and at the end)."""
     save_steps: int = 50
-    """Write a checkpoint every ``save_steps`` optimizer steps; a restarted run resumes from the latest."""
+    """Write a checkpoint every ``save_steps`` steps; a restarted run resumes from the latest."""
     save_total_limit: int | None = 2
+    """Keep at most this many checkpoints (oldest deleted); ``None`` keeps all."""
     resume: bool = True
     """Resume from the latest checkpoint in ``output_dir`` when one exists."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 on a GPU that supports it, else fp32 (CPU runs are fp32)."""
     max_length: int = 128
     """Prompt + completion tokens (see ``rlhf_core.data.tokenize.TruncationConfig``)."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps", "max_length"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 or None, got {self.save_total_limit}")
+
+
+@dataclass
+class TrainConfig(BaseTrainConfig):
+    """The SFT, reward-model and DPO trainers' config (a ``params.yaml`` group each): transformers' ``Trainer``."""
+
+    max_steps: int = 200
+    """Optimizer steps; training stops there (epochs are derived, data is cycled)."""
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 32
     max_prompt_length: int | None = None
     """Longer prompts are cut keeping their end; ``None``: prompts are only bounded by ``max_length``."""
     lora: LoraSettings | None = None
     """Train LoRA adapters (peft) instead of all weights; merged into the saved model."""
-    progress: bool = True
-    """Show progress bars."""
     extra_args: dict[str, Any] = field(default_factory=dict)
     """Any other ``transformers.TrainingArguments`` field, passed through (e.g. ``torch_compile``)."""
 
     def __post_init__(self) -> None:
-        positive = ("learning_rate", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps", "max_length")
-        for name in positive:
+        super().__post_init__()
+        for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
             raise ValueError(
                 f"max_prompt_length must be in (0, max_length={self.max_length}), got {self.max_prompt_length}"
@@ -98,7 +122,7 @@ def training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
         warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
         weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.lr_scheduler_type,
-        max_grad_norm=cfg.max_grad_norm,
+        max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0,  # 0: the Trainer does not clip
         logging_steps=cfg.logging_steps,
         eval_strategy="steps",
         eval_steps=cfg.eval_steps,
