@@ -33,7 +33,8 @@ class SyntheticConfig:
     """Sizes and label noise of the synthetic task (see ``rlhf_core.synthetic``)."""
 
     n_sft: int = 2000
-    n_pref_train: int = 2000
+    n_pref_train: int = 16000
+    """The reward model needs many noisy pairs to generalise."""
     n_pref_test: int = 400
     n_prompts: int = 200
     temperature: float = 0.2

@@ -36,10 +36,10 @@ class PromoteConfig:
     """The challenger: the trained policy that would go into service."""
     metric: Literal["auto", "gold_reward", "rm_score"] = "auto"
     """What "better" means; ``auto``: the gold reward where the task has one, else the reward model's score."""
-    min_win_rate: float = 0.5
+    min_win_rate: float = 0.55
     confidence: float = 0.95
     test: Literal["bootstrap", "sign"] = "bootstrap"
-    max_kl: float | None = None
+    max_kl: float | None = 1.0
     n_bootstrap: int = 2000
     register: bool = True
     """False: decide and report only (nothing is registered, no alias moves)."""
@@ -95,8 +95,8 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     own = evaluate_policy(challenger, reference, reward_model, tokenizer, held.prompts, held.ids, gold_fn=gold_fn, **sampling)
     challenger_scores = judge(own.responses)
 
-    name = (params.get("tracking") or {}).get("registered_model") or "rlhf-policy"
-    client = connect(ws.root, params.get("tracking")).client
+    store = connect(ws.root, params.get("tracking"))
+    client, name = store.client, store.registered_model
     champion = version_by_alias(client, name, CHAMPION)
     if champion is not None:
         with downloaded_model(client, name, champion.version) as (model_dir, tokenizer_dir):

@@ -24,9 +24,9 @@ def service_status(project_dir: Path, tracking: dict[str, Any] | None, *, last: 
     from tasks.compare import pipeline_runs
     from tasks.tracking.client import connect
 
-    name = (tracking or {}).get("registered_model") or "rlhf-policy"
-    champion = version_by_alias(connect(project_dir, tracking).client, name, CHAMPION)
-    return ServiceStatus(name, champion, pipeline_runs(project_dir, tracking, last=last, finished_only=False))
+    store = connect(project_dir, tracking)
+    champion = version_by_alias(store.client, store.registered_model, CHAMPION)
+    return ServiceStatus(store.registered_model, champion, pipeline_runs(project_dir, tracking, last=last, finished_only=False))
 
 
 def force_promote(project_dir: Path, tracking: dict[str, Any] | None, run_id: str) -> tuple[str, str | None]:
@@ -34,8 +34,8 @@ def force_promote(project_dir: Path, tracking: dict[str, Any] | None, run_id: st
     whatever its evidence; recorded as forced on the version and the run. Returns (new, previous) versions."""
     from tasks.tracking.client import connect
 
-    name = (tracking or {}).get("registered_model") or "rlhf-policy"
-    client = connect(project_dir, tracking).client
+    store = connect(project_dir, tracking)
+    client, name = store.client, store.registered_model
     version = find_version_of_run(client, name, run_id)
     if version is None:
         found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

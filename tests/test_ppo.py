@@ -66,7 +66,7 @@ def models(tokenizer, seed: int = 0):
 def config(tmp_path, **overrides) -> PPOConfig:
     values = dict(output_dir=str(tmp_path / "ppo"), max_updates=2, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2,
                   forward_batch_size=8, learning_rate=1e-3, max_new_tokens=6, max_length=32, eval_steps=2, save_steps=2,
-                  progress=False)
+                  missing_eos_penalty=None, progress=False)
     return PPOConfig(**(values | overrides))
 
 

@@ -25,7 +25,7 @@ class TinyModelConfig:
     hidden_size: int = 128
     n_head: int = 4
     """Attention heads; ``hidden_size`` must be divisible by it."""
-    max_positions: int = 128
+    max_positions: int = 64
     """Longest sequence (prompt + completion) the model accepts."""
     dropout: float = 0.0
     """Dropout on embeddings, residuals and attention (GPT-2) or attention only (Llama)."""

@@ -59,7 +59,7 @@ class BaseTrainConfig:
     """Resume from the latest checkpoint in ``output_dir`` when one exists."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """``auto``: bf16 on a GPU that supports it, else fp32 (CPU runs are fp32)."""
-    max_length: int = 128
+    max_length: int = 64
     """Prompt + completion tokens (see ``rlhf_core.data.tokenize.TruncationConfig``)."""
     progress: bool = True
     """Show progress bars."""
@@ -82,8 +82,8 @@ class TrainConfig(BaseTrainConfig):
 
     max_steps: int = 200
     """Optimizer steps; training stops there (epochs are derived, data is cycled)."""
-    per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = 32
+    per_device_train_batch_size: int = 32
+    per_device_eval_batch_size: int = 64
     max_prompt_length: int | None = None
     """Longer prompts are cut keeping their end; ``None``: prompts are only bounded by ``max_length``."""
     lora: LoraSettings | None = None

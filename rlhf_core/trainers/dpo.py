@@ -56,7 +56,10 @@ LENGTH_NORMALISED = {"ipo"}  # loss types fed completion-token MEAN log-probs (A
 class DPOConfig(TrainConfig):
     """Offline preference optimisation settings (the ``dpo`` group of ``params.yaml``)."""
 
-    learning_rate: float = 5e-5
+    learning_rate: float = 2e-4
+    max_steps: int = 250
+    eval_steps: int = 125
+    save_steps: int = 125
     method: str = "dpo"
     """The objective: ``dpo``, ``simpo``, ``orpo`` or ``kto`` (``offline_methods.METHODS``)."""
     beta: float = 0.1
@@ -73,7 +76,7 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = 0.0
     """ε: assumed share of flipped labels (conservative / robust DPO)."""
     reference: Literal["precomputed", "live"] = "precomputed"
-    rpo_alpha: float = 0.0
+    rpo_alpha: float = 1.0
     """α of RPO (Pang et al. 2024; TRL's ``rpo_alpha``): adds α·NLL of the chosen completion (per
     token) to the DPO loss, so the chosen likelihood cannot collapse while the margin grows."""
 

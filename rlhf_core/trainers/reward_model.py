@@ -31,6 +31,11 @@ from rlhf_core.trainers.sft import TrainResult
 class RewardConfig(TrainConfig):
     """Reward-model settings (the ``reward`` group of ``params.yaml``)."""
 
+    learning_rate: float = 1e-3
+    max_steps: int = 500
+    """About one epoch of the default task: more over-fits the label noise."""
+    eval_steps: int = 250
+    save_steps: int = 250
     center_rewards_coefficient: float | None = None
     """Adds c·E[(r_c + r_r)²] to keep rewards centred at 0 (Eisenstein et al. 2023); ``None``: off."""
 

@@ -27,7 +27,12 @@ from rlhf_core.trainers.lora_wrap import maybe_apply_lora
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """SFT settings (the ``sft`` group of ``params.yaml``); all fields are ``TrainConfig``'s."""
+    """SFT settings (the ``sft`` group of ``params.yaml``); all fields are ``TrainConfig``'s, some defaults differ."""
+
+    learning_rate: float = 2e-3
+    max_steps: int = 300
+    eval_steps: int = 100
+    save_steps: int = 100
 
 
 @dataclass

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PARENT_RUN_ENV = "RLHF_PARENT_RUN_ID"
 """The flow's parent run id, passed to each stage process; the stage's run becomes its child."""
-DEFAULT_EXPERIMENT = "rlhf-pipeline"
 
 PARAMS_PER_BATCH = 100  # MLflow's limit on params (and tags) per log_batch request
 METRICS_PER_BATCH = 1000  # MLflow's limit on metrics per log_batch request
@@ -49,13 +48,32 @@ def resolve_tracking_uri(configured: str | None = None, project_dir: Path | None
     return configured
 
 
+@dataclass
+class TrackingConfig:
+    """The ``tracking`` group of ``params.yaml``."""
+
+    uri: str | None = None
+    """``null``: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<project>/mlflow.db`` (:func:`resolve_tracking_uri`)."""
+    experiment: str = "rlhf-pipeline"
+    registered_model: str = "rlhf-policy"
+    """The Model Registry name the trained policy is registered under (``@champion``, ``@challenger``)."""
+
+
 @dataclass(frozen=True)
 class Tracking:
-    """A project's MLflow store: the client bound to it, its URI and the experiment runs go to."""
+    """A project's MLflow store: the client bound to it, its URI, and the ``tracking`` settings."""
 
     client: MlflowClient
     uri: str
-    experiment: str
+    config: TrackingConfig
+
+    @property
+    def experiment(self) -> str:
+        return self.config.experiment
+
+    @property
+    def registered_model(self) -> str:
+        return self.config.registered_model
 
     def experiment_id(self) -> str:
         """Id of :attr:`experiment`, created if missing (tolerates a concurrent creator)."""
@@ -74,16 +92,19 @@ class Tracking:
 
 
 def connect(project_dir: Path, tracking: Mapping[str, Any] | None = None) -> Tracking:
-    """The project's store: ``tracking`` is params.yaml's ``tracking`` group (``uri``, ``experiment``).
+    """The project's store: ``tracking`` is params.yaml's ``tracking`` group (:class:`TrackingConfig`;
+    a key set to null takes its default).
 
     The registry is the client's default for that URI (the tracking store itself, unless
     ``$MLFLOW_REGISTRY_URI`` names another).
     """
     from mlflow import MlflowClient
 
-    tracking = tracking or {}
-    uri = resolve_tracking_uri(tracking.get("uri"), Path(project_dir))
-    return Tracking(MlflowClient(tracking_uri=uri), uri, tracking.get("experiment") or DEFAULT_EXPERIMENT)
+    from rlhf_core.config import config_from_dict
+
+    config = config_from_dict(TrackingConfig, {k: v for k, v in (tracking or {}).items() if v is not None}, section="tracking")
+    uri = resolve_tracking_uri(config.uri, Path(project_dir))
+    return Tracking(MlflowClient(tracking_uri=uri), uri, config)
 
 
 def log_batched(client: MlflowClient, run_id: str, *, metrics: Sequence[Any] = (), params: Sequence[Any] = (),

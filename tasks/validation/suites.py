@@ -68,7 +68,7 @@ class ValidationConfig:
     min_rows: int = 50
     min_chars: int = 1
     max_chars: int = 20000
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = 48
     max_truncation_drop_fraction: float = 0.05
     allow_duplicate_pairs: bool = False
     max_invalid_fraction: float = 0.05

@@ -27,11 +27,11 @@ class PPOConfig(BaseTrainConfig):
     lr_scheduler_type: str = "constant"  # stepped once per update over max_updates (detail 14)
     warmup_ratio: float = 0.0
     logging_steps: int = 1
-    eval_steps: int = 20
-    save_steps: int = 20
-    max_length: int = 64  # prompts are left-truncated to max_length − max_new_tokens
+    eval_steps: int = 10
+    save_steps: int = 10
+    max_length: int = 48  # prompts are left-truncated to max_length − max_new_tokens
 
-    max_updates: int = 100
+    max_updates: int = 20
     """PPO updates (one rollout batch + ``ppo_epochs`` epochs of optimisation each)."""
     rollout_batch_size: int = 64
     """Prompts (one response each) per update and process."""
@@ -44,11 +44,11 @@ class PPOConfig(BaseTrainConfig):
     """Rows per no-grad forward pass and per ``generate`` call (rollouts, scoring, evaluation)."""
     adam_epsilon: float = 1e-5
     """Adam ε (detail 14)."""
-    max_new_tokens: int = 16
+    max_new_tokens: int = 12
     """Response budget; responses without EOS within it are penalised (``missing_eos_penalty``)."""
     temperature: float = 1.0
     """τ: sampling temperature of rollouts, also dividing the logits of every log-prob (detail 4)."""
-    missing_eos_penalty: float | None = None
+    missing_eos_penalty: float | None = 1.0
     """Penalty for a response without EOS (detail 3); ``None``: no penalty."""
     missing_eos_mode: Literal["subtract", "replace"] = "subtract"
     """``subtract``: ``s − penalty`` (TRL); ``replace``: ``s = −penalty`` (lm-human-preferences)."""
