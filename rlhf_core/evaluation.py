@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf_core import metrics as M
 from rlhf_core.generation import generate
 from rlhf_core.models.scalar_head import sequence_scores
 from rlhf_core.reward_sources import RewardFn
@@ -68,15 +69,15 @@ def evaluate_policy(
     lengths = batch.response_mask.sum(-1).tolist()
     gold = gold_fn(prompts, batch.texts) if gold_fn is not None else None
     metrics = {
-        "rm_score": sum(rm_scores) / len(rm_scores),
-        "kl_per_sequence": sum(kl_seq) / len(kl_seq),
-        "kl_per_token": sum(kl_tok) / len(kl_tok),
-        "response_length": sum(lengths) / len(lengths),
-        "distinct_1": distinct_n(batch.texts, 1),
-        "distinct_2": distinct_n(batch.texts, 2),
+        M.RM_SCORE: sum(rm_scores) / len(rm_scores),
+        M.KL_PER_SEQUENCE: sum(kl_seq) / len(kl_seq),
+        M.KL_PER_TOKEN: sum(kl_tok) / len(kl_tok),
+        M.MEAN_RESPONSE_LENGTH: sum(lengths) / len(lengths),
+        M.DISTINCT_1: distinct_n(batch.texts, 1),
+        M.DISTINCT_2: distinct_n(batch.texts, 2),
     }
     if gold is not None:
-        metrics["gold_reward"] = sum(gold) / len(gold)
+        metrics[M.GOLD_REWARD] = sum(gold) / len(gold)
     return PolicyEvaluation(batch.texts, rm_scores, gold, kl_seq, kl_tok, [int(n) for n in lengths], metrics)
 
 
