@@ -55,6 +55,22 @@ KL_COEF = "objective/kl_coef"
 NO_EOS_FRACTION = "objective/no_eos_fraction"
 RESPONSE_LENGTH = "objective/response_length"
 
+# GRPO/RLOO (TRL's GRPOTrainer names) and KTO's reference point.
+GROUP_REWARD = "reward"
+GROUP_REWARD_STD = "reward_std"
+GROUP_ZERO_STD = "frac_reward_zero_std"
+COMPLETION_LENGTH = "completions/mean_length"
+COMPLETION_CLIPPED = "completions/clipped_ratio"
+CLIP_RATIO_REGION = "clip_ratio/region_mean"
+CLIP_RATIO_LOW = "clip_ratio/low_mean"
+CLIP_RATIO_HIGH = "clip_ratio/high_mean"
+KL = "kl"
+
+
+def reward_part(name: str) -> str:
+    """``rewards/<name>/mean``: the mean of one reward function (or ``reward_model``) of a combined reward."""
+    return f"rewards/{name}/mean"
+
 # A policy on held-out prompts (``rlhf_core.evaluation``); the evaluate stage writes ``<policy>/<name>``.
 GOLD_REWARD = "gold_reward"
 RM_SCORE = "rm_score"

@@ -21,10 +21,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import datasets
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.data.tokenize import TruncationConfig, tokenize_prompts
 from rlhf_core.generation import generate
 from rlhf_core.logprobs import causal_lm_logits, masked_token_logprobs
 
@@ -150,3 +152,34 @@ def batch_response_logprobs(model: nn.Module, batch: SampledBatch, temperature: 
         model_response_logprobs(model, batch.query_response[rows], batch.attention_mask[rows], batch.n_query, temperature)
         for rows in chunks(len(batch), batch_size)
     ])
+
+
+PROMPT_TEXT = "_prompt_text"
+"""Column of the tokenised prompt datasets holding the prompt string, for reward functions."""
+
+
+def tokenize_prompt_records(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
+                            max_new_tokens: int, what: str) -> datasets.Dataset:
+    """Prompt records (``prompt``, ``prompt_messages``) -> ``prompt_input_ids`` + :data:`PROMPT_TEXT`.
+
+    Prompts are left-truncated to ``max_length − max_new_tokens`` tokens so a response always fits.
+    """
+    if "prompt" not in ds.column_names:
+        raise ValueError(f"{what}: dataset lacks a 'prompt' column (found {ds.column_names}); normalise it first")
+    ds = ds.select_columns([c for c in ("prompt", "prompt_messages") if c in ds.column_names])
+    ds = ds.add_column(PROMPT_TEXT, list(ds["prompt"]))
+    trunc = TruncationConfig(max_length=max_length, max_prompt_length=max_length - max_new_tokens)
+    tokenized, _ = tokenize_prompts(ds, tokenizer, trunc)
+    return tokenized
+
+
+def prompt_rows(n: int, size: int, seed: int, update: int) -> list[int]:
+    """Row indices of the prompts of ``update`` (0-based) among ``n``: a pure function of (seed, update).
+
+    Epoch e is the permutation drawn from ``seed + e``; batches do not straddle epochs (the last
+    partial batch is dropped), so resuming an online trainer needs only its update counter.
+    """
+    per_epoch = n // size
+    epoch, k = divmod(update, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # (n,)
+    return order[k * size : (k + 1) * size].tolist()

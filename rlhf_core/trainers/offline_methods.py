@@ -108,7 +108,7 @@ def kto_terms(logps: PairLogps, ref: tuple[Tensor, Tensor], kl: Tensor, *, beta:
                                desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     chosen_rewards, rejected_rewards = rewards.chunk(2)
     stats = pair_stats(chosen_rewards, rejected_rewards, logps)
-    stats["kl"] = kl.detach().reshape(())
+    stats[M.KL] = kl.detach().reshape(())
     return losses, stats
 
 

@@ -1,0 +1,120 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath §4) and RLOO (Ahmadian et al. 2024): online RL without a critic.
+
+For each prompt, ``k`` responses are sampled from the current policy and scored by programs
+(reward functions: ``rlhf_core.reward_registry``) and/or a reward model. The baseline is the
+group itself: GRPO's advantage is the reward minus its group's mean, divided by a std (group,
+batch, or none as Dr. GRPO); RLOO's is the reward minus the mean of the other ``k − 1``. Every
+token of a response carries its response's advantage in the clipped surrogate
+(``rlhf_core.rl.grpo_loss``, TRL 1.16's numerics), with an optional k3 KL to the frozen reference.
+
+- ``config``: :class:`GRPOConfig`;
+- ``trainer``: the loop (:class:`GRPOTrainer`) and :class:`GRPOState` for Accelerate checkpoints;
+- here: :func:`train_grpo`, which builds the models, optimizer and Accelerator and runs the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+
+from rlhf_core.reward_sources import CombinedReward, RewardFn
+from rlhf_core.rollout import tokenize_prompt_records
+from rlhf_core.trainers.common import LogFn, resolve_precision
+from rlhf_core.trainers.grpo.config import GRPOConfig
+from rlhf_core.trainers.grpo.trainer import GRPOState, GRPOTrainer, SamplesFn
+from rlhf_core.trainers.ppo.checkpoint import project_configuration
+from rlhf_core.trainers.ppo.models import disable_dropout
+
+__all__ = ["GRPOConfig", "GRPOResult", "GRPOState", "GRPOTrainer", "train_grpo"]
+
+
+@dataclass
+class GRPOResult:
+    policy: PreTrainedModel
+    metrics: dict[str, float]
+    """Final held-out metrics (``eval/...``)."""
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    updates: int = 0
+
+
+def train_grpo(
+    policy: PreTrainedModel,
+    ref_policy: PreTrainedModel | None,
+    reward_model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    train_prompts: datasets.Dataset,
+    eval_prompts: datasets.Dataset,
+    cfg: GRPOConfig,
+    *,
+    reward_fns: Mapping[str, RewardFn] | None = None,
+    reward_weights: Mapping[str, float] | None = None,
+    monitor_fn: RewardFn | None = None,
+    log_fn: LogFn | None = None,
+    samples_fn: SamplesFn | None = None,
+) -> GRPOResult:
+    """GRPO/RLOO-train ``policy`` on prompt records (``prompt``, ``prompt_messages``).
+
+    Args:
+        policy: the SFT model; trained in place.
+        ref_policy: frozen reference for the KL term and the reported KL; ``None``: a frozen copy of ``policy``.
+        reward_model: frozen scalar-head model (weight ``cfg.reward_model_weight``), or ``None``.
+        tokenizer: the policy's tokenizer (pad and eos tokens set).
+        train_prompts / eval_prompts: prompt records.
+        cfg: :class:`GRPOConfig`; checkpoints in ``<output_dir>/checkpoints/checkpoint_<update>``, the newest
+            restored first when ``cfg.resume``.
+        reward_fns: named reward functions (each one's mean is logged as ``rewards/<name>/mean``).
+        reward_weights: weight per reward function name (default 1).
+        monitor_fn: reported only (``objective/gold_reward``), never optimised.
+        log_fn: ``log_fn(metrics, update)``; samples_fn: ``samples_fn(rows, update)`` with decoded evaluation samples.
+    """
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("train_grpo: the tokenizer needs pad and eos tokens")
+    if ref_policy is policy or reward_model is policy:
+        raise ValueError("train_grpo: ref_policy and reward_model must be separate models from the trained policy")
+    if reward_model is None and not reward_fns:
+        raise ValueError("train_grpo needs reward functions, a reward model, or both")
+    reward = CombinedReward(reward_fns, reward_weights, rm_weight=cfg.reward_model_weight if reward_model is not None else 0.0)
+    kwargs = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
+    train_tok = tokenize_prompt_records(train_prompts, tokenizer, what="train_prompts", **kwargs)
+    eval_tok = tokenize_prompt_records(eval_prompts, tokenizer, what="eval_prompts", **kwargs)
+
+    set_seed(cfg.seed)
+    precision = resolve_precision(cfg.precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision="bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "no",
+        step_scheduler_with_optimizer=False,  # stepped once per update
+        project_config=project_configuration(cfg),
+    )
+    train_tok = train_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=False)
+    eval_tok = eval_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+    if len(train_tok) < cfg.prompts_per_update:
+        raise ValueError(f"train_prompts: {len(train_tok)} prompts per process after tokenisation, fewer than "
+                         f"prompts_per_update={cfg.prompts_per_update}")
+    if len(eval_tok) == 0:
+        raise ValueError("eval_prompts: no prompt left after tokenisation")
+
+    if ref_policy is None:
+        ref_policy = copy.deepcopy(policy)
+    for frozen in (ref_policy, reward_model):
+        if frozen is not None:
+            disable_dropout(frozen).eval().requires_grad_(False).to(accelerator.device)
+    disable_dropout(policy)  # old and new log-probs of the first pass agree exactly (ratio 1)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_updates),
+                              num_training_steps=cfg.max_updates)
+    model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    trainer = GRPOTrainer(cfg, accelerator, model, optimizer, scheduler, ref_policy, reward_model, reward, tokenizer,
+                          train_tok, eval_tok, monitor_fn, log_fn, samples_fn)
+    trainer.train()
+    return GRPOResult(policy=trainer.policy.eval(), metrics=trainer.eval_metrics, samples=trainer.samples,
+                      updates=trainer.update)

@@ -1,0 +1,253 @@
+"""The GRPO/RLOO loop: k samples per prompt, rewards, group advantages, clipped updates, evaluation, checkpoints.
+
+Sampling and log-prob recomputation are ``rlhf_core.rollout``'s (PPO's too); the advantages and
+the loss are ``rlhf_core.rl.group``'s; checkpoints are Accelerate's (``rlhf_core.trainers.ppo.checkpoint``,
+with :class:`GRPOState` registered), so a killed and resumed run ends with the same weights on CPU:
+prompt batches are a pure function of (seed, update) and the sampling RNG is restored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core import metrics as M
+from rlhf_core.logprobs import causal_lm_logits
+from rlhf_core.models.scalar_head import sequence_scores
+from rlhf_core.reward_sources import CombinedReward, RewardFn
+from rlhf_core.rl import group_advantages, grpo_loss, rloo_advantages
+from rlhf_core.rollout import (
+    PROMPT_TEXT,
+    SampledBatch,
+    batch_response_logprobs,
+    chunks,
+    prompt_rows,
+    response_logprobs,
+    sample_batch,
+)
+from rlhf_core.trainers.common import LogFn
+from rlhf_core.trainers.grpo.config import GRPOConfig
+from rlhf_core.trainers.ppo.checkpoint import resume_from_latest, save_checkpoint
+
+SamplesFn = Callable[[list[dict[str, Any]], int], None]
+
+
+@dataclass
+class GRPOState:
+    """What GRPO adds to Accelerate's checkpoint: the update counter (the data position)."""
+
+    update: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"update": self.update}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.update = int(state["update"])
+
+
+class GRPOTrainer:
+    """The loop; build it through :func:`rlhf_core.trainers.grpo.train_grpo`."""
+
+    def __init__(self, cfg: GRPOConfig, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any,
+                 ref_policy: PreTrainedModel, reward_model: PreTrainedModel | None, reward: CombinedReward,
+                 tokenizer: PreTrainedTokenizerBase, train: datasets.Dataset, evaluation: datasets.Dataset,
+                 monitor_fn: RewardFn | None, log_fn: LogFn | None, samples_fn: SamplesFn | None) -> None:
+        self.cfg, self.accelerator, self.model, self.optimizer, self.scheduler = cfg, accelerator, model, optimizer, scheduler
+        self.ref_policy, self.reward_model, self.reward, self.tokenizer = ref_policy, reward_model, reward, tokenizer
+        self.train_prompts, self.eval_prompts = train, evaluation
+        self.monitor_fn, self.log_fn, self.samples_fn = monitor_fn, log_fn, samples_fn
+        self.state = GRPOState()
+        accelerator.register_for_checkpointing(self.state)
+        self.samples: list[dict[str, Any]] = []
+        self.eval_metrics: dict[str, float] = {}
+
+    @property
+    def update(self) -> int:
+        return self.state.update
+
+    @property
+    def policy(self) -> PreTrainedModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    # --- sampling and rewards -------------------------------------------------------------
+
+    def sample(self, dataset: datasets.Dataset, rows: list[int], group_size: int, *, seed: int | None = None,
+               do_sample: bool = True) -> tuple[SampledBatch, list[str]]:
+        """``group_size`` responses per prompt row (consecutive rows per prompt) and the prompt text of every row."""
+        part = dataset.select(rows)
+        batch = sample_batch(self.policy.eval(), self.tokenizer, [list(p) for p in part["prompt_input_ids"]],
+                             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                             batch_size=self.cfg.forward_batch_size, do_sample=do_sample, seed=seed, group_size=group_size)
+        prompts = [p for p in part[PROMPT_TEXT] for _ in range(group_size)]
+        return batch, prompts
+
+    @torch.no_grad()
+    def rewards(self, batch: SampledBatch, prompts: list[str]) -> tuple[Tensor, dict[str, list[float]]]:
+        """(B,) combined reward and each unweighted part (``reward_model`` and every reward function)."""
+        rm_scores = None
+        if self.reward.uses_reward_model:
+            rm_scores = torch.cat([
+                sequence_scores(self.reward_model, batch.query_response[rows], batch.attention_mask[rows]).float()
+                for rows in chunks(len(batch), self.cfg.forward_batch_size)
+            ]).tolist()
+        total, parts = self.reward.parts(prompts, batch.texts, rm_scores)
+        return torch.tensor(total, dtype=torch.float32, device=batch.query_response.device), parts
+
+    def advantages(self, rewards: Tensor) -> Tensor:
+        """(B,) advantages of the rewards within their groups (``advantage`` and ``scale_rewards``)."""
+        k = self.cfg.num_generations
+        if self.cfg.advantage == "rloo":
+            return rloo_advantages(rewards, k)
+        return group_advantages(rewards, k, scale=self.cfg.scale_rewards)
+
+    # --- one update -----------------------------------------------------------------------
+
+    def optimise(self, batch: SampledBatch, advantages: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None
+                 ) -> dict[str, Tensor]:
+        """``num_iterations`` passes of the clipped surrogate over shuffled mini-batches; returns the mean stats."""
+        cfg, acc = self.cfg, self.accelerator
+        completion_mask, mask = batch.completion_mask, batch.response_mask  # (B, Q+R), (B, R)
+        stats: dict[str, list[Tensor]] = {}
+        self.model.train()
+        for _ in range(cfg.num_iterations):
+            order = torch.randperm(len(batch), device=batch.query_response.device)  # (B,)
+            for start in range(0, len(order), cfg.mini_batch_size):
+                idx = order[start : start + cfg.mini_batch_size]  # (b,)
+                with acc.accumulate(self.model):
+                    ids = batch.query_response[idx]  # (b, Q+R)
+                    logits = causal_lm_logits(self.model, ids, batch.attention_mask[idx])  # (b, Q+R, V)
+                    logps = response_logprobs(logits, ids, completion_mask[idx], batch.n_query, cfg.temperature).float()  # (b, R)
+                    old = old_logps[idx] if old_logps is not None else logps.detach()  # μ = 1: the sampling policy is this one
+                    loss, step_stats = grpo_loss(
+                        logps, old, advantages[idx], mask[idx], epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                        loss_type=cfg.loss_type, ref_logps=ref_logps[idx] if ref_logps is not None else None, beta=cfg.beta,
+                        max_completion_length=cfg.max_new_tokens)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm is not None:
+                        stats.setdefault(M.GRAD_NORM, []).append(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+                stats.setdefault(M.LOSS, []).append(loss.detach())
+                for name, key in ((M.CLIP_RATIO_REGION, "clipfrac"), (M.CLIP_RATIO_LOW, "clipfrac_low"),
+                                  (M.CLIP_RATIO_HIGH, "clipfrac_high"), (M.KL, "kl")):
+                    stats.setdefault(name, []).append(step_stats[key])
+        self.model.eval()
+        if cfg.beta == 0:
+            stats.pop(M.KL)
+        return {name: torch.stack([v.float() for v in values]).mean() for name, values in stats.items()}
+
+    def step(self) -> dict[str, float]:
+        """One update; returns its ``train/...`` metrics (averaged over processes), named as TRL's."""
+        cfg = self.cfg
+        rows = prompt_rows(len(self.train_prompts), cfg.prompts_per_update, cfg.seed, self.update)
+        started = time.perf_counter()
+        batch, prompts = self.sample(self.train_prompts, rows, cfg.num_generations)
+        generated = time.perf_counter()
+        rewards, parts = self.rewards(batch, prompts)  # (B,)
+        advantages = self.advantages(rewards)  # (B,)
+        with torch.no_grad():
+            old_logps = (batch_response_logprobs(self.policy, batch, cfg.temperature, cfg.forward_batch_size).float()
+                         if cfg.num_iterations > 1 else None)
+            ref_logps = (batch_response_logprobs(self.ref_policy, batch, cfg.temperature, cfg.forward_batch_size).float()
+                         if cfg.beta > 0 else None)
+        scored = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        stats = self.optimise(batch, advantages, old_logps, ref_logps)
+        self.scheduler.step()
+        grouped_std = rewards.view(-1, cfg.num_generations).std(dim=1)  # (G,)
+        per_batch: dict[str, Any] = {
+            M.GROUP_REWARD: rewards.mean(),
+            M.GROUP_REWARD_STD: rewards.std(),
+            M.GROUP_ZERO_STD: (grouped_std < 1e-6).float().mean(),
+            M.COMPLETION_LENGTH: batch.response_mask.sum(dim=1).float().mean(),
+            M.COMPLETION_CLIPPED: (~batch.has_eos).float().mean(),
+            **{M.reward_part(name): torch.tensor(values).mean() for name, values in parts.items()},
+            **stats,
+        }
+        if self.monitor_fn is not None:
+            per_batch[M.OBJECTIVE_GOLD] = torch.tensor(self.monitor_fn(prompts, batch.texts), dtype=torch.float32).mean()
+        names = list(per_batch)
+        values = torch.stack([torch.as_tensor(per_batch[n], dtype=torch.float32, device=self.accelerator.device) for n in names])
+        values = self.accelerator.reduce(values, reduction="mean").tolist()
+        metrics = {M.key(M.TRAIN, n): v for n, v in zip(names, values)}
+        metrics[M.key(M.TRAIN, M.LEARNING_RATE)] = lr
+        metrics.update({M.key("timing", "generation"): generated - started, M.key("timing", "scoring"): scored - generated,
+                        M.key("timing", "training"): time.perf_counter() - scored})
+        return metrics
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """One response per held-out prompt (fixed seed): mean reward, each part, KL to the reference, monitor."""
+        cfg = self.cfg
+        rows_all: list[dict[str, Any]] = []
+        for start in range(0, len(self.eval_prompts), cfg.forward_batch_size):
+            rows = list(range(start, min(start + cfg.forward_batch_size, len(self.eval_prompts))))
+            batch, prompts = self.sample(self.eval_prompts, rows, 1, seed=cfg.seed + start, do_sample=cfg.eval_do_sample)
+            rewards, parts = self.rewards(batch, prompts)
+            logps = batch_response_logprobs(self.policy, batch, cfg.temperature, cfg.forward_batch_size)
+            ref = batch_response_logprobs(self.ref_policy, batch, cfg.temperature, cfg.forward_batch_size)
+            kl = torch.where(batch.mask, logps - ref, 0.0).sum(dim=1)  # (B,) k1 KL per response
+            gold = self.monitor_fn(prompts, batch.texts) if self.monitor_fn is not None else None
+            for i, (prompt, text) in enumerate(zip(prompts, batch.texts)):
+                row = {"step": self.update, "prompt": prompt, "response": text, "score": float(rewards[i]), "kl": float(kl[i]),
+                       "length": int(batch.mask[i].sum()), **{f"reward/{n}": float(v[i]) for n, v in parts.items()}}
+                if gold is not None:
+                    row["gold_reward"] = float(gold[i])
+                rows_all.append(row)
+        rows_all = gather_object(rows_all)
+        n = len(rows_all)
+
+        def mean(key: str) -> float:
+            return sum(r[key] for r in rows_all) / n
+
+        metrics = {M.key(M.EVAL, M.OBJECTIVE_SCORES): mean("score"), M.key(M.EVAL, M.OBJECTIVE_KL): mean("kl"),
+                   M.key(M.EVAL, M.RESPONSE_LENGTH): mean("length")}
+        metrics.update({M.key(M.EVAL, M.reward_part(k[len("reward/"):])): mean(k) for k in rows_all[0] if k.startswith("reward/")})
+        if self.monitor_fn is not None:
+            metrics[M.key(M.EVAL, M.OBJECTIVE_GOLD)] = mean("gold_reward")
+        samples = rows_all[:4]
+        self.samples += samples
+        self.eval_metrics = metrics
+        if self.accelerator.is_main_process:
+            if self.log_fn is not None:
+                self.log_fn(metrics, self.update)
+            if self.samples_fn is not None:
+                self.samples_fn(samples, self.update)
+        return metrics
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg = self.cfg
+        checkpoint = resume_from_latest(self.accelerator) if cfg.resume else None
+        if checkpoint is not None:
+            print(f"[rlhf] resuming GRPO from {checkpoint} (update {self.update})")
+        show = cfg.progress and self.accelerator.is_main_process
+        bar = tqdm(total=cfg.max_updates, initial=self.update, desc=cfg.advantage, disable=not show)
+        evaluated_at = -1
+        while self.update < cfg.max_updates:
+            metrics = self.step()
+            self.state.update += 1
+            bar.update(1)
+            if self.log_fn is not None and self.accelerator.is_main_process and self.update % cfg.logging_steps == 0:
+                self.log_fn(metrics, self.update)
+            if self.update % cfg.eval_steps == 0 or self.update == cfg.max_updates:
+                self.evaluate()
+                evaluated_at = self.update
+            if self.update % cfg.save_steps == 0 or self.update == cfg.max_updates:
+                save_checkpoint(self.accelerator, self.state)
+        bar.close()
+        if evaluated_at != self.update:  # resumed at the end: evaluate the final policy once
+            self.evaluate()
