@@ -22,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from rlhf_core import metrics as M
 from rlhf_core.models.lora import LoraSettings
+from rlhf_core.trainers.divergence import DivergenceGuard
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -55,6 +56,9 @@ class BaseTrainConfig:
     """Write a checkpoint every ``save_steps`` steps; a restarted run resumes from the latest."""
     save_total_limit: int | None = 2
     """Keep at most this many checkpoints (oldest deleted); ``None`` keeps all."""
+    max_skipped_steps: int = 0
+    """Optimizer steps with a NaN/inf gradient that are skipped (weights and optimizer state untouched) before
+    training stops with a divergence error (``rlhf_core.trainers.divergence``); 0: stop at the first."""
     resume: bool = True
     """Resume from the latest checkpoint in ``output_dir`` when one exists."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -226,6 +230,7 @@ def run_training(trainer: Trainer, cfg: TrainConfig) -> dict[str, float]:
 
     Returns the final held-out metrics under our names (``eval/...``).
     """
+    trainer.add_callback(DivergenceGuard(cfg.max_skipped_steps))  # a NaN step never reaches the weights
     checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if checkpoint:
         print(f"[rlhf] resuming from {checkpoint}")

@@ -38,22 +38,27 @@ class DivergenceGuard(TrainerCallback):
         self.max_skipped_steps = max_skipped_steps
         self.skipped: list[int] = []
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            return
+    def check(self, model: torch.nn.Module, step: int, learning_rate: float) -> bool:
+        """Before optimizer step ``step``: ``True`` if it was skipped (gradients dropped); raises past the limit.
+
+        For loops of our own (PPO, GRPO); ``Trainer``-based ones get it through the callback hook.
+        """
         bad = nonfinite_gradients(model)
         if not bad:
-            return
-        step = state.global_step + 1  # the step about to be taken
+            return False
         if len(self.skipped) < self.max_skipped_steps:
             self.skipped.append(step)
             model.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
             print(f"[rlhf] step {step}: non-finite gradient in {len(bad)} parameters; step skipped "
                   f"({len(self.skipped)}/{self.max_skipped_steps} allowed)")
-            return
+            return True
         raise DivergenceError(
             f"training diverged at optimizer step {step}: the gradient of {len(bad)} parameters is NaN or infinite "
             f"(first: {bad[0]}); no model was written and checkpoints before step {step} are kept. "
-            f"Lower the learning rate (now {args.learning_rate:g}) or max_grad_norm, then run again"
+            f"Lower the learning rate (now {learning_rate:g}) or max_grad_norm, then run again"
             + (f" (already skipped steps {self.skipped})" if self.skipped else "")
         )
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.check(model, state.global_step + 1, args.learning_rate)

@@ -36,6 +36,7 @@ from rlhf_core.rollout import (
     sample_batch,
 )
 from rlhf_core.trainers.common import LogFn
+from rlhf_core.trainers.divergence import DivergenceGuard
 from rlhf_core.trainers.grpo.config import GRPOConfig
 from rlhf_core.trainers.ppo.checkpoint import resume_from_latest, save_checkpoint
 
@@ -70,6 +71,7 @@ class GRPOTrainer:
         accelerator.register_for_checkpointing(self.state)
         self.samples: list[dict[str, Any]] = []
         self.eval_metrics: dict[str, float] = {}
+        self.guard = DivergenceGuard(cfg.max_skipped_steps)
 
     @property
     def update(self) -> int:
@@ -133,8 +135,10 @@ class GRPOTrainer:
                         loss_type=cfg.loss_type, ref_logps=ref_logps[idx] if ref_logps is not None else None, beta=cfg.beta,
                         max_completion_length=cfg.max_new_tokens)
                     acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm is not None:
-                        stats.setdefault(M.GRAD_NORM, []).append(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                    if acc.sync_gradients:
+                        if cfg.max_grad_norm is not None:
+                            stats.setdefault(M.GRAD_NORM, []).append(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                        self.guard.check(self.model, self.update + 1, self.scheduler.get_last_lr()[0])
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 stats.setdefault(M.LOSS, []).append(loss.detach())

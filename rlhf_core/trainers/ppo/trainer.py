@@ -26,6 +26,7 @@ from rlhf_core.rl import (
 )
 from rlhf_core.rollout import response_columns, response_logprobs
 from rlhf_core.trainers.common import LogFn
+from rlhf_core.trainers.divergence import DivergenceGuard
 from rlhf_core.trainers.ppo.checkpoint import PPOState, resume_from_latest, save_checkpoint
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue
@@ -50,6 +51,7 @@ class PPOTrainer:
         accelerator.register_for_checkpointing(self.state)
         self.samples: list[dict[str, Any]] = []
         self.eval_metrics: dict[str, float] = {}
+        self.guard = DivergenceGuard(cfg.max_skipped_steps)  # a NaN gradient never reaches the weights
         self.timing: dict[str, float] = {}
         """Wall time of the phases of the last rollout (``generation``, ``scoring``) and its token count."""
 
@@ -124,8 +126,10 @@ class PPOTrainer:
                     pg_loss, pg_stats = ppo_policy_loss(new_logprobs.float(), ro.logprobs[idx], advantages[idx], mask, cfg.clip_range)
                     vf_loss, vf_stats = ppo_value_loss(vpred, ro.values[idx], returns[idx], mask, cfg.clip_range_value)
                     acc.backward(pg_loss + cfg.vf_coef * vf_loss)
-                    if acc.sync_gradients and cfg.max_grad_norm is not None:
-                        grad_norms.append(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                    if acc.sync_gradients:
+                        if cfg.max_grad_norm is not None:
+                            grad_norms.append(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                        self.guard.check(self.model, self.update + 1, self.scheduler.get_last_lr()[0])
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 for name, value in ((M.POLICY_APPROXKL, pg_stats["approxkl"]), (M.POLICY_CLIPFRAC, pg_stats["clipfrac"]),
