@@ -22,9 +22,6 @@ from rlhf_core.rollout import SampledBatch, chunks, model_response_logprobs, res
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue
 
-PROMPT_TEXT = "_prompt_text"
-"""Column of the tokenised prompt datasets holding the prompt string, for reward functions."""
-
 
 @dataclass
 class Rollout(SampledBatch):

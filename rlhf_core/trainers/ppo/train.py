@@ -13,13 +13,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from rlhf_core.data.tokenize import TruncationConfig, tokenize_prompts
 from rlhf_core.reward_sources import CombinedReward, RewardFn
+from rlhf_core.rollout import tokenize_prompt_records
 from rlhf_core.trainers.common import LogFn, resolve_precision
 from rlhf_core.trainers.ppo.checkpoint import project_configuration
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue, disable_dropout, value_model_from_policy
-from rlhf_core.trainers.ppo.rollout import PROMPT_TEXT, RolloutCollector
+from rlhf_core.trainers.ppo.rollout import RolloutCollector
 from rlhf_core.trainers.ppo.trainer import PPOTrainer, SamplesFn
 
 
@@ -34,17 +34,6 @@ class PPOResult:
     reward_norm: dict[str, float] = field(default_factory=dict)
     """The reward normalisation: ``gain``, ``bias`` and the raw ``mean``/``std`` they came from."""
     updates: int = 0
-
-
-def _tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: PPOConfig, what: str) -> datasets.Dataset:
-    """Prompt records (``prompt``, ``prompt_messages``) -> ``prompt_input_ids`` + the prompt text."""
-    if "prompt" not in ds.column_names:
-        raise ValueError(f"{what}: dataset lacks a 'prompt' column (found {ds.column_names}); normalise it first")
-    ds = ds.select_columns([c for c in ("prompt", "prompt_messages") if c in ds.column_names])
-    ds = ds.add_column(PROMPT_TEXT, list(ds["prompt"]))
-    trunc = TruncationConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_length - cfg.max_new_tokens)
-    tokenized, _ = tokenize_prompts(ds, tokenizer, trunc)
-    return tokenized
 
 
 def _build_reward(reward_model: PreTrainedModel | None, reward_fn: RewardFn | None, cfg: PPOConfig) -> CombinedReward:
@@ -101,8 +90,9 @@ def train_ppo(
     if ref_policy is policy or reward_model is policy:
         raise ValueError("train_ppo: ref_policy and reward_model must be separate models from the trained policy")
     reward = _build_reward(reward_model, reward_fn, cfg)
-    train_tok = _tokenize(train_prompts, tokenizer, cfg, "train_prompts")
-    eval_tok = _tokenize(eval_prompts, tokenizer, cfg, "eval_prompts")
+    kwargs = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
+    train_tok = tokenize_prompt_records(train_prompts, tokenizer, what="train_prompts", **kwargs)
+    eval_tok = tokenize_prompt_records(eval_prompts, tokenizer, what="eval_prompts", **kwargs)
 
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.precision)

@@ -24,13 +24,13 @@ from rlhf_core.rl import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from rlhf_core.rollout import response_columns, response_logprobs
+from rlhf_core.rollout import PROMPT_TEXT, prompt_rows, response_columns, response_logprobs
 from rlhf_core.trainers.common import LogFn
 from rlhf_core.trainers.divergence import DivergenceGuard
 from rlhf_core.trainers.ppo.checkpoint import PPOState, resume_from_latest, save_checkpoint
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue
-from rlhf_core.trainers.ppo.rollout import PROMPT_TEXT, RewardNorm, Rollout, RolloutCollector
+from rlhf_core.trainers.ppo.rollout import RewardNorm, Rollout, RolloutCollector
 
 SamplesFn = Callable[[list[dict[str, Any]], int], None]
 
@@ -66,16 +66,8 @@ class PPOTrainer:
     # --- prompts and rollouts -----------------------------------------------------------
 
     def prompt_batch(self, update: int) -> list[int]:
-        """Row indices of this process's prompts for ``update`` (0-based): a pure function of (seed, update).
-
-        Epoch e is the permutation drawn from ``seed + e``; batches do not straddle epochs (the
-        last partial batch is dropped), so resuming needs only the update counter.
-        """
-        n, size = len(self.train_prompts), self.cfg.rollout_batch_size
-        per_epoch = n // size
-        epoch, k = divmod(update, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))  # (n,)
-        return order[k * size : (k + 1) * size].tolist()
+        """Row indices of this process's prompts for ``update`` (0-based): a pure function of (seed, update)."""
+        return prompt_rows(len(self.train_prompts), self.cfg.rollout_batch_size, self.cfg.seed, update)
 
     def rollout(self, rows: list[int], dataset: datasets.Dataset | None = None, *, seed: int | None = None,
                 do_sample: bool = True) -> Rollout:
