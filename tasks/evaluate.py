@@ -12,8 +12,7 @@ import json
 import time
 from typing import Any
 
-from tasks.heldout import EvaluateConfig, context_length, held_out_prompts
-from tasks.params import typed
+from tasks.heldout import context_length, evaluate_config, held_out_prompts
 from tasks.workspace import Workspace, write_json
 
 STAGE = "evaluate"
@@ -29,7 +28,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from tasks.evaluation_report import write_plots
     from tasks.training_io import gold_reward_fn, load_tokenizer
 
-    cfg = typed(params, STAGE, EvaluateConfig)
+    cfg, lengths = evaluate_config(params, ws)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(ws)
@@ -45,7 +44,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
             policy, reference, reward_model, tokenizer, prompts, prompt_ids, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed, gold_fn=gold_fn,
         )
-    metrics: dict[str, Any] = {"n_prompts": len(prompts), "n_prompts_too_long": held.n_too_long}
+    metrics: dict[str, Any] = {"n_prompts": len(prompts), "n_prompts_too_long": held.n_too_long, **lengths}
     for name, res in results.items():
         metrics.update({f"{name}/{k}": v for k, v in res.metrics.items()})
         if name != "sft":

@@ -42,6 +42,15 @@ class HeldOutPrompts:
     """Prompts left out: no room for a response within the models' context length."""
 
 
+def evaluate_config(params: dict[str, Any], ws: Workspace) -> tuple[EvaluateConfig, dict[str, int]]:
+    """The ``evaluate`` group, its ``auto`` lengths resolved (``tasks.lengths``), and the lengths it resolved."""
+    from tasks.lengths import with_auto_lengths
+    from tasks.params import typed
+
+    params, lengths = with_auto_lengths(params, ws, "evaluate")
+    return typed(params, "evaluate", EvaluateConfig), lengths
+
+
 def context_length(model) -> int:
     config = model.config
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))

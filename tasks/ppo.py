@@ -31,6 +31,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
     from tasks.launch import is_main_process
+    from tasks.lengths import with_auto_lengths
     from tasks.training_io import (
         CurveRecorder,
         checkpoint_dir,
@@ -41,6 +42,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         save_model_atomically,
     )
 
+    params, lengths = with_auto_lengths(params, ws, STAGE)  # max_new_tokens / max_length: auto
     options = group(params, STAGE)
     reward_fn_name = options.get("reward_fn")
     inputs = [ws.split("pref_train"), ws.split("prompts"), ws.model("sft"), ws.model("reward")]
@@ -73,7 +75,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     reports = ws.reports(STAGE)
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in result.samples))
-    metrics = {**result.metrics, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}
+    metrics = {**result.metrics, **lengths, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}
     metrics.update({f"reward_norm/{k}": v for k, v in result.reward_norm.items()})
     write_json(ws.metrics(STAGE), metrics)
     if tracker is not None and result.samples:  # decoded samples of every evaluation, with score and KL

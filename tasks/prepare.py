@@ -3,7 +3,9 @@
 By default the synthetic task (``rlhf_core.synthetic``) is generated; configured datasets
 (any file, folder, ``s3://`` URI or hub name the data layer accepts, in any supported
 format) replace it. Writes ``data/prepared/{sft_train,sft_test,pref_train,pref_test,prompts}.jsonl``,
-``data/tokenizer/`` and ``metrics/prepare.json``.
+``data/tokenizer/`` (a pretrained model's tokenizer files as they are), ``metrics/prepare.json``
+and ``data/prepared/lengths/*.json``: the token counts ``auto`` length settings are resolved from
+(``tasks.lengths``).
 
 Every source is cleaned row by row (``rlhf_core.data.cleaning``). With ``invalid_rows: drop``
 invalid rows are left out and written to ``data/prepared/quarantine.jsonl`` (source file, row,
@@ -62,8 +64,13 @@ class PrepareConfig:
     """Keep at most this many rows per configured dataset (after shuffling), for quick trials."""
     invalid_rows: str = "drop"
     """Rows breaking a cleaning rule: ``drop`` (quarantine, count, go on) or ``fail`` (stop the stage)."""
+    length_percentile: float = 99.0
+    """Length settings set to ``auto`` cover this percentile of the prepared data's token counts
+    (capped by the model's context length; see ``tasks.lengths``)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.length_percentile <= 100.0:
+            raise ValueError(f"length_percentile must be in (0, 100], got {self.length_percentile}")
         if self.invalid_rows not in ("drop", "fail"):
             raise ValueError(f"invalid_rows must be 'drop' or 'fail', got {self.invalid_rows!r}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -159,7 +166,7 @@ def build_splits(cfg: PrepareConfig, scratch: Path, snapshots: dict[str, Path] |
 
 
 def build_tokenizer(model_cfg: ModelConfig, splits: dict[str, Any]):
-    """Train a tokenizer on the prepared texts (from-scratch model) or load the base model's."""
+    """Train a tokenizer on the prepared texts (from-scratch model) or load the base model's, as it is."""
     from rlhf_core.models import load_tokenizer, train_tokenizer
 
     if model_cfg.name_or_path is not None:
@@ -176,7 +183,55 @@ def build_tokenizer(model_cfg: ModelConfig, splits: dict[str, Any]):
     return train_tokenizer(texts(), vocab_size=model_cfg.tokenizer_vocab_size)
 
 
+def model_context_length(model_cfg: ModelConfig) -> int | None:
+    """The base model's context length: ``model.tiny.max_positions`` from scratch, else its config's."""
+    from tasks.lengths import context_length
+
+    if model_cfg.name_or_path is None:
+        from rlhf_core.config import config_from_dict
+        from rlhf_core.models import TinyModelConfig
+
+        return config_from_dict(TinyModelConfig, model_cfg.tiny, section="model.tiny").max_positions
+    from transformers import AutoConfig
+
+    return context_length(AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code))
+
+
+LENGTH_SPLITS = {"sft": ("sft_train", "sft_test"), "preference": ("pref_train", "pref_test"), "prompt": ("prompts",)}
+
+
+def data_lengths(splits: dict[str, Any], tokenizer, percentile: float, context: int | None) -> dict[str, dict[str, Any]]:
+    """{kind: lengths file contents}: the token counts of each kind of prepared data (``tasks.lengths``)."""
+    from rlhf_core.data.lengths import summarise, token_lengths
+
+    out = {}
+    for kind, names in LENGTH_SPLITS.items():
+        counts: dict[str, list[int]] = {}
+        for name in names:
+            for part, values in token_lengths(splits[name], tokenizer, kind).items():
+                counts.setdefault(part, []).extend(values)
+        out[kind] = {"percentile": percentile, "context_length": context, "rows": sum(len(splits[n]) for n in names),
+                     "parts": summarise(counts, percentile)}
+    return out
+
+
+def _length_metrics(lengths: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from tasks.lengths import auto_everywhere
+
+    any_kind = next(iter(lengths.values()))
+    metrics: dict[str, Any] = {"lengths/percentile": any_kind["percentile"], "lengths/context_length": any_kind["context_length"]}
+    for kind, stats in lengths.items():
+        for part, summary in stats["parts"].items():
+            metrics[f"lengths/{kind}/{part}/p"] = summary["p"]
+            metrics[f"lengths/{kind}/{part}/max"] = summary["max"]
+    metrics.update({f"lengths/auto/{setting}": value for setting, value in auto_everywhere(lengths).items()})
+    return metrics
+
+
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
+    from rlhf_core.models.tokenizer import save_tokenizer
+    from tasks.lengths import lengths_file
+
     cfg = typed(params, "prepare", PrepareConfig)
     model_cfg = typed(params, "model", ModelConfig)
     started = time.perf_counter()
@@ -186,6 +241,9 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         tokenizer_started = time.perf_counter()
         tokenizer = build_tokenizer(model_cfg, splits)
         tokenizer_seconds = time.perf_counter() - tokenizer_started
+        lengths_started = time.perf_counter()
+        lengths = data_lengths(splits, tokenizer, cfg.length_percentile, model_context_length(model_cfg))
+        lengths_seconds = time.perf_counter() - lengths_started
         # Write everything beside the old outputs first, then swap: a failure leaves them intact.
         staging = Path(tmp) / "out"
         for name in SPLITS:
@@ -193,7 +251,9 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         if "synthetic" in info:
             shutil.copy(Path(tmp) / "synthetic" / "task.json", staging / "prepared" / "task.json")
         _write_cleaning(info["cleaning"], staging / "prepared")
-        tokenizer.save_pretrained(staging / "tokenizer")
+        for kind, stats in lengths.items():  # read by stages whose length settings are `auto`
+            write_json(staging / "prepared" / "lengths" / lengths_file(ws, kind).name, stats)
+        save_tokenizer(tokenizer, staging / "tokenizer")  # a pretrained tokenizer's own files, as they are
         for src, dst in ((staging / "prepared", ws.prepared), (staging / "tokenizer", ws.tokenizer)):
             if dst.exists():
                 shutil.rmtree(dst)
@@ -203,6 +263,8 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     metrics["vocab_size"] = len(tokenizer)
     metrics["seconds/data"] = round(data_seconds, 3)
     metrics["seconds/tokenizer"] = round(tokenizer_seconds, 3)
+    metrics["seconds/lengths"] = round(lengths_seconds, 3)
+    metrics.update(_length_metrics(lengths))
     if "synthetic" in info:
         task = info["synthetic"]
         for name in ("bayes_accuracy_train", "bayes_accuracy_test"):

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tasks.heldout import EvaluateConfig, context_length, held_out_prompts
+from tasks.heldout import context_length, evaluate_config, held_out_prompts
 from tasks.params import typed
 from tasks.workspace import Workspace, write_json
 
@@ -77,7 +77,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from tasks.training_io import gold_reward_fn, load_tokenizer
 
     cfg = typed(params, STAGE, PromoteConfig)
-    ev = typed(params, "evaluate", EvaluateConfig)
+    ev, _ = evaluate_config(params, ws)  # the same prompts and sampling as evaluate (auto lengths resolved alike)
     started = time.perf_counter()
     gold_fn = gold_reward_fn(ws)
     metric = ("gold_reward" if gold_fn is not None else "rm_score") if cfg.metric == "auto" else cfg.metric

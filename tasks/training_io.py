@@ -118,18 +118,21 @@ def run_training_stage(
 ) -> dict[str, Any]:
     """Shared body of the ``sft``, ``reward`` and ``dpo`` stages.
 
-    Loads the config and tokenizer, builds the starting model (``make_model(tokenizer, cfg)``),
-    trains with checkpoints under ``checkpoints/<stage>/<key>``, saves the final model to
-    ``models/<stage>`` atomically, writes curves and ``metrics/<stage>.json``, and removes the
+    Resolves ``auto`` lengths (``tasks.lengths``), loads the config and tokenizer, builds the
+    starting model (``make_model(tokenizer, cfg)``), trains with checkpoints under
+    ``checkpoints/<stage>/<key>``, saves the final model to ``models/<stage>`` atomically, writes
+    curves and ``metrics/<stage>.json`` (with the ``lengths/...`` used), and removes the
     checkpoints once the model is saved (the model itself is versioned by DVC).
     ``extra_metrics(metrics)`` adds stage-specific numbers derived from the trained ones.
     """
     import time
 
     from tasks.launch import is_main_process
+    from tasks.lengths import with_auto_lengths
     from tasks.params import typed
     from tasks.workspace import write_json
 
+    params, lengths = with_auto_lengths(params, ws, stage)  # `auto` lengths from data/prepared/lengths
     ckpt = checkpoint_dir(ws, stage, params, inputs)
     cfg = typed(params, stage, config_cls, output_dir=str(ckpt))
     started = time.perf_counter()
@@ -147,6 +150,7 @@ def run_training_stage(
         **result.metrics,
         **tokenize_stats("data/train", result.train_stats),
         **tokenize_stats("data/eval", result.eval_stats),
+        **lengths,
         "seconds": round(time.perf_counter() - started, 2),
     }
     if extra_metrics is not None:

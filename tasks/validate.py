@@ -53,10 +53,12 @@ def load_invalid_rows(ws: Workspace) -> dict[str, Any] | None:
 
 
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
+    from tasks.lengths import with_auto_lengths
     from tasks.stage_main import StageError
     from tasks.training_io import load_tokenizer
     from tasks.validation import ValidationConfig, validate_frames
 
+    params, lengths = with_auto_lengths(params, ws, STAGE)  # max_prompt_tokens: auto
     cfg = typed(params, STAGE, ValidationConfig)
     tokenizer = load_tokenizer(ws) if ws.tokenizer.exists() else None
     frames = load_frames(ws, tokenizer)
@@ -65,6 +67,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     # Deterministic content (no timings): downstream stages depend on this file.
     metrics = {"success": report.success, "failed_rules": len(report.failures)}
     metrics.update({f"rows/{name}": len(frame) for name, (_, frame) in frames.items()})
+    metrics.update(lengths)
     write_json(ws.metrics(STAGE), metrics)
     if tracker is not None:
         tracker.log_artifacts(str(report_dir), "validation")

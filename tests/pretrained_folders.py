@@ -54,7 +54,7 @@ def llama_folder(dest: Path, *, max_position_embeddings: int = 96, seed: int = 0
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=list(string.printable.strip()))
+                                  initial_alphabet=[c for c in string.printable if c != " "] + ["\u2581"])  # ▁: Metaspace's space
     backend.train_from_iterator(training_texts(), trainer=trainer)
     bos = backend.token_to_id("<s>")
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
