@@ -131,3 +131,24 @@ def test_sft_keeps_the_special_token_ids_the_trainer_aligns(folders, tmp_path):
     reloaded = load_causal_lm(str(tmp_path / "sft"))
     assert reloaded.config.pad_token_id is None
     assert reloaded.get_input_embeddings().padding_idx is None  # the eos row keeps training in later stages
+
+
+@pytest.mark.parametrize("arch", ["llama", "cohere"])
+def test_ppo_value_model_from_a_policy_of_any_architecture(folders, arch, tmp_path):
+    """Without a reward model PPO builds its value model from the policy: any architecture, no eos padding_idx."""
+    from rlhf_core.models import token_scores
+    from rlhf_core.trainers.ppo.models import value_model_from_policy
+
+    tokenizer = load_tokenizer(str(folders["llama"]))
+    folder = _cohere_folder(tmp_path / "base", len(tokenizer), tokenizer.eos_token_id) if arch == "cohere" else folders["llama"]
+    policy = load_causal_lm(str(folder))
+    value = value_model_from_policy(policy, tokenizer.pad_token_id).eval()
+    assert type(value).__name__ == f"{arch.capitalize()}ForSequenceClassification"
+    assert value.get_input_embeddings().padding_idx is None and value.config.pad_token_id == tokenizer.eos_token_id
+    torch.testing.assert_close(value.get_input_embeddings().weight, policy.get_input_embeddings().weight)
+    ids, mask = _batch(tokenizer, TEXTS, "left")
+    with torch.no_grad():
+        values = token_scores(value, ids, mask)  # (B, T)
+        alone = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
+        torch.testing.assert_close(values[0][mask[0].bool()], token_scores(value, alone, torch.ones_like(alone))[0],
+                                   rtol=1e-4, atol=1e-5)

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from rlhf_core.logprobs import causal_lm_logits
-from rlhf_core.models.scalar_head import token_scores
+from rlhf_core.models.io import borrow_pad_token_id
+from rlhf_core.models.scalar_head import ensure_scalar_head_class, token_scores
 
 
 class PolicyAndValue(nn.Module):
@@ -50,16 +51,20 @@ def value_model_from_policy(policy: PreTrainedModel, pad_token_id: int, seed: in
     """A ``*ForSequenceClassification`` (``num_labels=1``) with the policy's backbone and a new head.
 
     Used when there is no reward model to copy. The head is drawn from ``seed`` without
-    touching the caller's RNG.
+    touching the caller's RNG. Any causal LM architecture (``ensure_scalar_head_class``); the
+    model is built with the policy's own pad id and gets ``pad_token_id`` afterwards, in memory
+    (``borrow_pad_token_id``: built with it, a Llama's embedding would never train that row).
     """
     from transformers import AutoModelForSequenceClassification
 
     config = copy.deepcopy(policy.config)
     config.num_labels = 1
-    config.pad_token_id = pad_token_id
+    ensure_scalar_head_class(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         value = AutoModelForSequenceClassification.from_config(config)
+    if value.config.pad_token_id is None:
+        borrow_pad_token_id(value, pad_token_id)
     missing, unexpected = value.load_state_dict(policy.state_dict(), strict=False)
     if any(not k.startswith("score.") for k in missing) or any(not k.startswith("lm_head.") for k in unexpected):
         raise ValueError(
