@@ -1,4 +1,4 @@
-"""Session fixtures for learning tests: the synthetic task, a tokenizer and a trained SFT model.
+"""Session fixtures for learning tests: the synthetic task, a tokenizer, a trained SFT model and reward model.
 
 Trained once per test session and shared by the SFT, reward-model, DPO, PPO and evaluation
 tests (each of which copies what it modifies). Sizes are the smallest at which the learning
@@ -11,6 +11,7 @@ import pytest
 
 TASK_SIZES = dict(n_sft=2000, n_pref_train=16000, n_pref_test=400, n_prompts=128, temperature=0.2)
 SFT_STEPS = 300
+RM_STEPS = 250
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +58,18 @@ def sft_result(synthetic_task, synthetic_tokenizer, tmp_path_factory):
                        log_fn=lambda m, s: logs.append((s, m)))
     save_model(result.model, synthetic_tokenizer, work / "model")
     return {"dir": work / "model", "result": result, "logs": logs, "cfg": cfg}
+
+
+@pytest.fixture(scope="session")
+def reward_model_result(sft_result, synthetic_task, synthetic_tokenizer, tmp_path_factory):
+    """A reward model trained with ``train_reward_model`` from the SFT model (as the ``reward`` stage does); saved to ``dir``."""
+    from rlhf_core.models import load_reward_model, save_model
+    from rlhf_core.trainers.reward_model import RewardConfig, train_reward_model
+
+    work = tmp_path_factory.mktemp("reward")
+    model = load_reward_model(str(sft_result["dir"]))
+    cfg = RewardConfig(output_dir=str(work / "ckpt"), max_steps=RM_STEPS, learning_rate=1e-3, per_device_train_batch_size=64,
+                       eval_steps=RM_STEPS, save_steps=10_000, logging_steps=50, max_length=64, progress=False)
+    result = train_reward_model(model, synthetic_tokenizer, synthetic_task["pref_train"], synthetic_task["pref_test"], cfg)
+    save_model(result.model, synthetic_tokenizer, work / "model")
+    return {"dir": work / "model", "result": result, "cfg": cfg}

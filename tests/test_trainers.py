@@ -128,13 +128,10 @@ def test_sft_held_out_loss_falls_by_30_percent(sft_result, synthetic_task, synth
 
 
 @pytest.mark.slow
-def test_reward_model_reaches_90_percent_of_bayes_accuracy(sft_result, synthetic_task, synthetic_tokenizer, tmp_path):
-    model = load_reward_model(str(sft_result["dir"]))
-    cfg = RewardConfig(output_dir=str(tmp_path), max_steps=250, learning_rate=1e-3, per_device_train_batch_size=64,
-                       eval_steps=250, save_steps=10_000, logging_steps=50, max_length=64, progress=False)
-    result = train_reward_model(model, synthetic_tokenizer, synthetic_task["pref_train"], synthetic_task["pref_test"], cfg)
+def test_reward_model_reaches_90_percent_of_bayes_accuracy(reward_model_result, synthetic_task):
     bayes = synthetic_task["info"]["bayes_accuracy_test"]
-    assert result.metrics["eval/accuracy"] >= 0.9 * bayes, (result.metrics, bayes)
+    metrics = reward_model_result["result"].metrics
+    assert metrics["eval/accuracy"] >= 0.9 * bayes, (metrics, bayes)
 
 
 def mean_gold_reward(model, tokenizer, prompts_ds, seed: int = 0) -> float:
