@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhf_core.metrics import POLICY_HEADLINE
+from tasks.policies import POLICY_STAGES
 
 
 def _console() -> Console:
@@ -21,7 +22,9 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
     for col in ("stage", "status", "seconds"):
         stages.add_column(col)
     for s in result["stages"]:
-        stages.add_row(s["stage"], "ran" if s["ran"] else "up to date (skipped)", f"{s['seconds']:.1f}")
+        not_selected = result["metrics"].get(s["stage"], {}).get("trained") == 0  # pipeline.policies leaves it out
+        status = "not selected (pipeline.policies)" if not_selected else "ran" if s["ran"] else "up to date (skipped)"
+        stages.add_row(s["stage"], status, f"{s['seconds']:.1f}")
     console.print(stages)
 
     prepare = result["metrics"].get("prepare", {})
@@ -32,10 +35,11 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
     if evaluation:
         table = Table(title="Policies on held-out prompts (metrics/evaluate.json)")
         table.add_column("policy")
-        present = [k for k in POLICY_HEADLINE if any(f"{p}/{k}" in evaluation for p in ("sft", "ppo", "dpo"))]
+        policies = [p for p in ("sft", *POLICY_STAGES) if any(k.startswith(f"{p}/") for k in evaluation)]
+        present = [k for k in POLICY_HEADLINE if any(f"{p}/{k}" in evaluation for p in policies)]
         for k in present:
             table.add_column(k, justify="right")
-        for policy in ("sft", "ppo", "dpo"):
+        for policy in policies:
             table.add_row(policy, *(f"{evaluation[f'{policy}/{k}']:.3f}" if f"{policy}/{k}" in evaluation else "-" for k in present))
         console.print(table)
 

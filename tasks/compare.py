@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_core import metrics as M
+from tasks.policies import POLICY_STAGES
 
 COMPARED_METRICS = (
-    *(f"evaluate/{policy}/{M.GOLD_REWARD}" for policy in ("sft", "ppo", "dpo")),
-    *(f"evaluate/{policy}/{M.KL_PER_TOKEN}" for policy in ("ppo", "dpo")),
-    *(f"evaluate/{policy}/{M.WIN_RATE_VS_SFT_RM}" for policy in ("ppo", "dpo")),
+    *(f"evaluate/{policy}/{M.GOLD_REWARD}" for policy in ("sft", *POLICY_STAGES)),
+    *(f"evaluate/{policy}/{M.KL_PER_TOKEN}" for policy in POLICY_STAGES),
+    *(f"evaluate/{policy}/{M.WIN_RATE_VS_SFT_RM}" for policy in POLICY_STAGES),
     f"reward/{M.key(M.EVAL, M.ACCURACY)}", f"dpo/{M.key(M.EVAL, M.REWARDS_ACCURACIES)}", f"sft/{M.key(M.EVAL, M.LOSS)}",
 )
 """Parent-run metrics (``<stage>/<name>``) ``rlhf compare`` shows for every run that has them."""

@@ -1,4 +1,4 @@
-"""Stage ``evaluate``: SFT, PPO and DPO policies side by side on held-out prompts.
+"""Stage ``evaluate``: the SFT policy and every policy this run trained (``pipeline.policies``) side by side.
 
 For each policy: mean gold reward (when the task has one), mean reward-model score, KL to the
 reference (per token and per sequence), win rate against SFT by gold reward and by reward
@@ -16,7 +16,6 @@ from tasks.heldout import context_length, evaluate_config, held_out_prompts
 from tasks.workspace import Workspace, write_json
 
 STAGE = "evaluate"
-POLICIES = ("sft", "ppo", "dpo")
 
 
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
@@ -26,6 +25,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.evaluation import evaluate_policy, win_rate
     from rlhf_core.models import load_causal_lm, load_reward_model
     from tasks.evaluation_report import write_plots
+    from tasks.policies import trained_policies
     from tasks.training_io import gold_reward_fn, load_tokenizer
 
     cfg, lengths = evaluate_config(params, ws)
@@ -38,7 +38,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     reward_model = load_reward_model(str(ws.model("reward"))).eval()
     gold_fn = gold_reward_fn(ws)
     results = {}
-    for name in POLICIES:
+    for name in ["sft", *trained_policies(params, ws)]:
         policy = reference if name == "sft" else load_causal_lm(str(ws.model(name))).eval()
         results[name] = evaluate_policy(
             policy, reference, reward_model, tokenizer, prompts, prompt_ids, max_new_tokens=cfg.max_new_tokens,

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-TRAINING_STAGES = ("sft", "reward", "ppo", "dpo")
+TRAINING_STAGES = ("sft", "reward", "ppo", "dpo", "grpo")
 
 
 def configured_gpus() -> int:

@@ -10,11 +10,11 @@ validate.max_prompt_tokens min(P(prompt) of the kind with the longest prompts, C
 sft.max_length             min(P(prompt + completion) of the SFT data, C)
 reward/dpo.max_length      min(P(prompt + longer response) of the preference pairs, C)
 *.max_prompt_length        min(P(prompt) of the stage's data, its max_length − 1)
-ppo.max_new_tokens         min(P(response) of the preference pairs, max(C − P(prompt), C // 4)),
+ppo, grpo.max_new_tokens   min(P(response) of the preference pairs, max(C − P(prompt), C // 4)),
                            P(prompt) over the preference and held-out prompts: responses get the
                            room prompts leave, but at least a quarter of the context
 evaluate.max_new_tokens    the same as ppo.max_new_tokens
-ppo.max_length             min(P(prompt) + max_new_tokens, C)
+ppo, grpo.max_length       min(P(prompt) + max_new_tokens, C)
 =========================  ====================================================================
 
 ``prepare`` counts the tokens (with the run's tokenizer and chat template, as the trainers encode
@@ -44,13 +44,14 @@ SETTINGS: dict[str, tuple[str, ...]] = {
     "reward": ("max_length", "max_prompt_length"),
     "dpo": ("max_length", "max_prompt_length"),
     "ppo": ("max_new_tokens", "max_length"),  # max_length after max_new_tokens: it adds it
+    "grpo": ("max_new_tokens", "max_length"),
     "evaluate": ("max_new_tokens",),
 }
 """Stage group -> the settings that may be ``auto``, in resolution order."""
 
 NEEDS: dict[str, tuple[str, ...]] = {
     "validate": ("sft", "preference", "prompt"), "sft": ("sft",), "reward": ("preference",), "dpo": ("preference",),
-    "ppo": ("preference", "prompt"), "evaluate": ("preference", "prompt"),
+    "ppo": ("preference", "prompt"), "grpo": ("preference", "prompt"), "evaluate": ("preference", "prompt"),
 }
 """Stage group -> the kinds of data whose lengths its ``auto`` settings read."""
 
@@ -116,9 +117,9 @@ def resolve(stage: str, group: dict[str, Any], stats: dict[str, Any]) -> dict[st
         elif key == "max_new_tokens":
             room = None if context is None else max(context - _prompt(stats), context // 4)
             value = _cap(_p(stats, "preference", "completion"), room)
-        elif key == "max_length" and stage == "ppo":
+        elif key == "max_length" and stage in ("ppo", "grpo"):
             if values.get("max_new_tokens") in (None, AUTO):
-                raise LengthsError("ppo.max_length: auto needs ppo.max_new_tokens (a number or auto)")
+                raise LengthsError(f"{stage}.max_length: auto needs {stage}.max_new_tokens (a number or auto)")
             value = _cap(_prompt(stats) + int(values["max_new_tokens"]), context)
         else:  # a setting listed in SETTINGS without a rule
             raise LengthsError(f"{stage}.{key}: no rule for auto")

@@ -116,11 +116,23 @@ def apply_overrides(path: Path, overrides: list[str], check: Callable[[dict[str,
                 raise ParamsError(f"override {override!r}: {where} is not a group in {path.name}{known}")
             node = node[part]
         leaf = parts[-1]
-        if isinstance(node.get(leaf), (dict, list)):
-            raise ParamsError(f"override {override!r}: {'.'.join(parts)} is a nested group or list in {path.name}; "
+        if isinstance(node.get(leaf), dict):
+            raise ParamsError(f"override {override!r}: {'.'.join(parts)} is a nested group in {path.name}; "
                               "set its keys one by one")
         new, old = _scalar_text(value), node.get(leaf)
-        if leaf in node:
+        if isinstance(old, list) and not old.fa.flow_style():  # a block list: its item lines become one flow value
+            key_row, key_col = node.lc.key(leaf)
+            end = key_row + 1
+            while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > key_col):
+                end += 1
+            while end > key_row + 1 and not lines[end - 1].strip():
+                end -= 1
+            del lines[key_row + 1:end]
+            body = lines[key_row].rstrip("\r\n")
+            colon = body.index(":", key_col)
+            comment = body[colon + 1:].strip()
+            lines[key_row] = body[:colon + 1] + " " + new + (f"  {comment}" if comment.startswith("#") else "") + "\n"
+        elif leaf in node:
             row, col = node.lc.value(leaf)
             line = lines[row]
             eol = line[len(line.rstrip("\r\n")):]

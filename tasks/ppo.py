@@ -20,21 +20,16 @@ STAGE = "ppo"
 STAGE_KEYS = ("reward_fn",)  # read by this stage; the rest of the group is rlhf_core's PPOConfig
 
 
-def _prompts(ds):
-    """Distinct prompts, in first-seen order (preference data repeats prompts)."""
-    seen: set[str] = set()
-    keep = [i for i, p in enumerate(ds["prompt"]) if not (p in seen or seen.add(p))]
-    return ds.select(keep).select_columns(["prompt", "prompt_messages"])
-
-
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
     from tasks.launch import is_main_process
     from tasks.lengths import with_auto_lengths
+    from tasks.policies import selected_policies, write_not_selected
     from tasks.training_io import (
         CurveRecorder,
         checkpoint_dir,
+        distinct_prompts,
         gold_reward_fn,
         load_split,
         load_tokenizer,
@@ -42,6 +37,8 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         save_model_atomically,
     )
 
+    if STAGE not in selected_policies(params):
+        return write_not_selected(ws, STAGE)
     params, lengths = with_auto_lengths(params, ws, STAGE)  # max_new_tokens / max_length: auto
     options = group(params, STAGE)
     reward_fn_name = options.get("reward_fn")
@@ -62,7 +59,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     value_model = load_reward_model(str(ws.model("reward")))  # value head initialised from the RM
     curves = CurveRecorder(log_fn_of(tracker))
     result = train_ppo(
-        policy, reference, reward_model, tokenizer, _prompts(load_split(ws, "pref_train")), load_split(ws, "prompts"), cfg,
+        policy, reference, reward_model, tokenizer, distinct_prompts(load_split(ws, "pref_train")), load_split(ws, "prompts"), cfg,
         value_model=value_model, reward_fn=gold if reward_fn_name == "gold" else None, monitor_fn=gold,
         log_fn=curves,
     )

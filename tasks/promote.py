@@ -32,7 +32,7 @@ STAGE = "promote"
 class PromoteConfig:
     """The ``promote`` group of ``params.yaml`` (the criteria: ``rlhf_core.promotion.PromotionCriteria``)."""
 
-    policy: Literal["dpo", "ppo", "sft"] = "dpo"
+    policy: Literal["dpo", "ppo", "grpo", "sft"] = "dpo"
     """The challenger: the trained policy that would go into service."""
     metric: Literal["auto", "gold_reward", "rm_score"] = "auto"
     """What "better" means; ``auto``: the gold reward where the task has one, else the reward model's score."""
@@ -71,12 +71,16 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.models import load_tokenizer as load_tokenizer_from
     from rlhf_core.promotion import decide
+    from tasks.policies import is_trained, selected_policies
     from tasks.registry import CHAMPION, downloaded_model, version_by_alias
     from tasks.stage_main import StageError
     from tasks.tracking.client import connect
     from tasks.training_io import gold_reward_fn, load_tokenizer
 
     cfg = typed(params, STAGE, PromoteConfig)
+    if cfg.policy != "sft" and not is_trained(ws, cfg.policy):
+        raise StageError(f"promote.policy is {cfg.policy!r}, which this run did not train (pipeline.policies: "
+                         f"{selected_policies(params)}); promote one of them")
     ev, _ = evaluate_config(params, ws)  # the same prompts and sampling as evaluate (auto lengths resolved alike)
     started = time.perf_counter()
     gold_fn = gold_reward_fn(ws)

@@ -44,7 +44,7 @@ def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
 
     from rlhf_core.data.formats import DataFormatError
     from rlhf_core.data.loading import DataLoadError
-    from rlhf_core.trainers.divergence import DivergenceError
+    from rlhf_core.errors import UserFacingError
     from tasks.dvc_ops import mark_stage_started, stage_outputs, stage_params
     from tasks.tracking.stage_run import stage_run
 
@@ -65,7 +65,7 @@ def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
             metrics = run(params, ws, tracker)
             tracker.log_metrics(metrics)  # non-numeric and non-finite values are skipped there
             tracker.log_output_hashes(stage_outputs(ws.root, stage), ws.root)
-    except (ParamsError, DataFormatError, DataLoadError, DivergenceError, StageError) as err:
+    except (ParamsError, DataFormatError, DataLoadError, UserFacingError, StageError) as err:
         print(f"\n[rlhf] stage '{stage}' failed: {err}", file=sys.stderr)
         sys.exit(1)
     print(f"[rlhf] stage '{stage}' done in {time.perf_counter() - started:.1f}s")

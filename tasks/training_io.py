@@ -167,3 +167,10 @@ def gold_reward_fn(ws: Workspace):
     from rlhf_core.synthetic import GoldReward
 
     return GoldReward()
+
+
+def distinct_prompts(ds):
+    """Prompt records of ``ds`` without repeats, in first-seen order (preference data repeats prompts)."""
+    seen: set[str] = set()
+    keep = [i for i, p in enumerate(ds["prompt"]) if not (p in seen or seen.add(p))]
+    return ds.select(keep).select_columns(["prompt", "prompt_messages"])

@@ -42,6 +42,7 @@ def test_auto_rules_uncapped_follow_the_data():
         "reward.max_length": 50, "reward.max_prompt_length": 20,
         "dpo.max_length": 50, "dpo.max_prompt_length": 20,
         "ppo.max_new_tokens": 30, "ppo.max_length": 25 + 30,  # the longest prompts generated from + the responses
+        "grpo.max_new_tokens": 30, "grpo.max_length": 25 + 30,  # the same rules as PPO
         "evaluate.max_new_tokens": 30,
     }
     assert set(everything) == {f"{stage}.{key}" for stage, keys in SETTINGS.items() for key in keys}

@@ -19,17 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def group_configs() -> dict[str, type]:
     """The typed config of each ``params.yaml`` group (the class its stage loads it into)."""
     from rlhf_core.trainers.dpo import DPOConfig
+    from rlhf_core.trainers.grpo import GRPOConfig
     from rlhf_core.trainers.ppo import PPOConfig
     from rlhf_core.trainers.reward_model import RewardConfig
     from rlhf_core.trainers.sft import SFTConfig
     from tasks.heldout import EvaluateConfig
     from tasks.model_config import ModelConfig
+    from tasks.policies import PipelineConfig
     from tasks.prepare import PrepareConfig
     from tasks.promote import PromoteConfig
     from tasks.tracking.client import TrackingConfig
     from tasks.validation.suites import ValidationConfig
 
-    return {"model": ModelConfig, "prepare": PrepareConfig, "validate": ValidationConfig, "sft": SFTConfig,
+    return {"model": ModelConfig, "pipeline": PipelineConfig, "grpo": GRPOConfig, "prepare": PrepareConfig, "validate": ValidationConfig, "sft": SFTConfig,
             "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "evaluate": EvaluateConfig,
             "promote": PromoteConfig, "tracking": TrackingConfig}
 
@@ -43,9 +45,10 @@ def nested_configs() -> dict[str, type]:
 
 def stage_keys() -> dict[str, dict[str, Any]]:
     """Keys a stage reads itself beside its config, with the default it applies."""
-    from tasks.ppo import STAGE_KEYS
+    from tasks import grpo, ppo
 
-    return {"ppo": {key: None for key in STAGE_KEYS}}  # ``group.get(key)``
+    return {"ppo": {key: None for key in ppo.STAGE_KEYS},  # ``group.get(key)``
+            "grpo": {"rewards": grpo.DEFAULT_REWARDS}}
 
 
 def _defaults(cls: type) -> dict[str, Any]:

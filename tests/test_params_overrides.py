@@ -61,6 +61,7 @@ def test_a_key_the_group_lacks_is_added_as_one_line_at_the_groups_end(params):
     ("nonexistent.key=1", "nonexistent is not a group"),
     ("dpo.beta", "expected KEY=VALUE"),
     ("model.tiny=3", "nested group"),
+    ("model.tiny.arch.x=1", "not a group"),
     ("dpo.beta=[1,", "not valid YAML"),
 ])
 def test_bad_override_forms_are_named_and_nothing_is_written(params, override, message):
@@ -80,3 +81,15 @@ def test_a_failing_check_writes_nothing(params):
     with pytest.raises(ParamsError, match="beta must be > 0"):
         apply_overrides(params, ["dpo.beta=-1"], check=check)
     assert params.read_text() == before
+
+
+def test_lists_are_replaced_as_one_flow_value_block_or_flow(params):
+    before = params.read_text()
+    apply_overrides(params, ["pipeline.policies=[ppo, dpo, grpo]", "grpo.rewards=[{name: length, target: 4}]"])
+    after = params.read_text()
+    loaded = yaml.safe_load(after)
+    assert loaded["pipeline"]["policies"] == ["ppo", "dpo", "grpo"]
+    assert loaded["grpo"]["rewards"] == [{"name": "length", "target": 4}]
+    assert "# rlhf_core.reward_registry" in after  # the block list's comment stays on its key line
+    assert len(after.splitlines()) == len(before.splitlines()) - 1  # the one item line folded into the key line
+    assert loaded["grpo"]["max_updates"] == yaml.safe_load(before)["grpo"]["max_updates"]

@@ -28,6 +28,8 @@ TINY = [
 ]
 TINY_PPO = ["ppo.max_updates=2", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1",
             "ppo.eval_steps=2", "ppo.save_steps=1", "ppo.max_new_tokens=8", "ppo.reward_norm_batches=1"]
+TINY_GRPO = ["grpo.max_updates=2", "grpo.prompts_per_update=4", "grpo.num_generations=4", "grpo.mini_batch_size=8",
+             "grpo.eval_steps=2", "grpo.save_steps=1", "grpo.max_new_tokens=8"]
 
 
 def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
@@ -43,7 +45,7 @@ def make_workspace(dest: Path, overrides: list[str] | None = None, remote: Path 
         else:
             shutil.copy(src, dest / name)
     shutil.copy(PROJECT / ".gitignore", dest / ".gitignore")
-    apply_overrides(dest / "params.yaml", TINY + TINY_PPO + list(overrides or []))
+    apply_overrides(dest / "params.yaml", TINY + TINY_PPO + TINY_GRPO + list(overrides or []))
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "config", "user.email", "ci@example.invalid"], dest)
     run(["git", "config", "user.name", "ci"], dest)

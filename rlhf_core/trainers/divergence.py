@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
+from rlhf_core.errors import UserFacingError
 
-class DivergenceError(RuntimeError):
+
+class DivergenceError(UserFacingError):
     """Training produced a non-finite gradient; the message names the step and what to change."""
 
 

@@ -21,7 +21,7 @@ class GRPOConfig(BaseTrainConfig):
     """
 
     output_dir: str = "outputs/grpo"
-    learning_rate: float = 1e-4  # TRL's 1e-6 is for pretrained 1B+ models; the tiny default task trains at 1e-4
+    learning_rate: float = 3e-4  # TRL's 1e-6 is for pretrained 1B+ models; the tiny default task trains at 3e-4
     lr_scheduler_type: str = "constant"
     warmup_ratio: float = 0.0
     logging_steps: int = 1
@@ -52,8 +52,8 @@ class GRPOConfig(BaseTrainConfig):
     """ε_high (DAPO's clip-higher); ``None``: ``epsilon``."""
     beta: float = 0.0
     """β of the k3 KL to the reference in the loss; 0 (TRL's default) loads no reference model."""
-    reward_model_weight: float = 1.0
-    """Weight of the reward model's score beside the reward functions' (ignored without a reward model)."""
+    reward_model_weight: float = 0.0
+    """Weight of the reward model's score beside the reward functions'; 0 (verifiable rewards only): no reward model."""
     adam_epsilon: float = 1e-8
     forward_batch_size: int = 64
     """Rows per no-grad forward pass and per ``generate`` call."""
