@@ -22,8 +22,8 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
     for col in ("stage", "status", "seconds"):
         stages.add_column(col)
     for s in result["stages"]:
-        not_selected = result["metrics"].get(s["stage"], {}).get("trained") == 0  # pipeline.policies leaves it out
-        status = "not selected (pipeline.policies)" if not_selected else "ran" if s["ran"] else "up to date (skipped)"
+        not_selected = result["metrics"].get(s["stage"], {}).get("trained") == 0  # its <stage>.train switch is off
+        status = "not trained (train: false)" if not_selected else "ran" if s["ran"] else "up to date (skipped)"
         stages.add_row(s["stage"], status, f"{s['seconds']:.1f}")
     console.print(stages)
 

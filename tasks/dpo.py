@@ -1,5 +1,5 @@
 """Stage ``dpo``: offline preference optimisation of the SFT model (``dpo.method``: DPO with the SFT model as
-reference, or SimPO, ORPO, KTO); trained when ``pipeline.policies`` lists ``dpo``."""
+reference, or SimPO, ORPO, KTO); trained when ``dpo.train`` is true."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ STAGE = "dpo"
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     from rlhf_core.models import load_causal_lm
     from rlhf_core.trainers.dpo import DPOConfig, train_dpo
-    from tasks.policies import selected_policies, write_not_selected
+    from tasks.policies import selected, without_switch, write_not_selected
     from tasks.training_io import run_training_stage
 
-    if STAGE not in selected_policies(params):
+    if not selected(params, STAGE):
         return write_not_selected(ws, STAGE)
     return run_training_stage(
-        STAGE, params, ws, tracker, config_cls=DPOConfig, train_fn=train_dpo,
+        STAGE, without_switch(params, STAGE), ws, tracker, config_cls=DPOConfig, train_fn=train_dpo,
         make_model=lambda tokenizer, cfg: load_causal_lm(str(ws.model("sft"))),
         train_split="pref_train", eval_split="pref_test",
         inputs=[ws.split("pref_train"), ws.split("pref_test"), ws.model("sft")],

@@ -1,4 +1,4 @@
-"""Stage ``evaluate``: the SFT policy and every policy this run trained (``pipeline.policies``) side by side.
+"""Stage ``evaluate``: the SFT policy and every policy this run trained (each policy stage's ``train`` switch) side by side.
 
 For each policy: mean gold reward (when the task has one), mean reward-model score, KL to the
 reference (per token and per sequence), win rate against SFT by gold reward and by reward
@@ -38,7 +38,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     reward_model = load_reward_model(str(ws.model("reward"))).eval()
     gold_fn = gold_reward_fn(ws)
     results = {}
-    for name in ["sft", *trained_policies(params, ws)]:
+    for name in ["sft", *trained_policies(ws)]:
         policy = reference if name == "sft" else load_causal_lm(str(ws.model(name))).eval()
         results[name] = evaluate_policy(
             policy, reference, reward_model, tokenizer, prompts, prompt_ids, max_new_tokens=cfg.max_new_tokens,

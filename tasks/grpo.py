@@ -3,8 +3,8 @@
 ``grpo.rewards`` names the reward functions (``rlhf_core.reward_registry``: ``gold`` on the
 synthetic task, ``rouge_l``/``bleu`` against the data's reference answers, ``format``, ``length``,
 or ``package.module:function``) with their weights; ``grpo.reward_model_weight`` adds the learned
-reward model. The policy trains only when ``pipeline.policies`` lists ``grpo``; otherwise the stage
-records that it was not selected and writes no model, and ``evaluate`` leaves it out.
+reward model. The policy trains only when ``grpo.train`` is true (off by default: ``rlhf run --set
+grpo.train=true``); otherwise the stage records that and writes no model, and ``evaluate`` leaves it out.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.trainers.grpo import GRPOConfig, train_grpo
     from tasks.launch import is_main_process
     from tasks.lengths import with_auto_lengths
-    from tasks.policies import selected_policies, write_not_selected
+    from tasks.policies import selected, without_switch, write_not_selected
     from tasks.training_io import (
         CurveRecorder,
         checkpoint_dir,
@@ -72,9 +72,9 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         save_model_atomically,
     )
 
-    if STAGE not in selected_policies(params):
+    if not selected(params, STAGE):
         return write_not_selected(ws, STAGE)
-    params, lengths = with_auto_lengths(params, ws, STAGE)  # max_new_tokens / max_length: auto
+    params, lengths = with_auto_lengths(without_switch(params, STAGE), ws, STAGE)  # max_new_tokens / max_length: auto
     options = group(params, STAGE)
     inputs = [ws.split("pref_train"), ws.split("prompts"), ws.model("sft"), ws.model("reward")]
     ckpt = checkpoint_dir(ws, STAGE, params, inputs)

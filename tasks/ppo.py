@@ -25,7 +25,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
     from tasks.launch import is_main_process
     from tasks.lengths import with_auto_lengths
-    from tasks.policies import selected_policies, write_not_selected
+    from tasks.policies import selected, without_switch, write_not_selected
     from tasks.training_io import (
         CurveRecorder,
         checkpoint_dir,
@@ -37,9 +37,9 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         save_model_atomically,
     )
 
-    if STAGE not in selected_policies(params):
+    if not selected(params, STAGE):
         return write_not_selected(ws, STAGE)
-    params, lengths = with_auto_lengths(params, ws, STAGE)  # max_new_tokens / max_length: auto
+    params, lengths = with_auto_lengths(without_switch(params, STAGE), ws, STAGE)  # max_new_tokens / max_length: auto
     options = group(params, STAGE)
     reward_fn_name = options.get("reward_fn")
     inputs = [ws.split("pref_train"), ws.split("prompts"), ws.model("sft"), ws.model("reward")]

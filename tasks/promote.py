@@ -71,7 +71,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.models import load_tokenizer as load_tokenizer_from
     from rlhf_core.promotion import decide
-    from tasks.policies import is_trained, selected_policies
+    from tasks.policies import is_trained
     from tasks.registry import CHAMPION, downloaded_model, version_by_alias
     from tasks.stage_main import StageError
     from tasks.tracking.client import connect
@@ -79,8 +79,8 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
 
     cfg = typed(params, STAGE, PromoteConfig)
     if cfg.policy != "sft" and not is_trained(ws, cfg.policy):
-        raise StageError(f"promote.policy is {cfg.policy!r}, which this run did not train (pipeline.policies: "
-                         f"{selected_policies(params)}); promote one of them")
+        raise StageError(f"promote.policy is {cfg.policy!r}, which this run did not train ({cfg.policy}.train is false); "
+                         f"promote a trained one or set {cfg.policy}.train=true")
     ev, _ = evaluate_config(params, ws)  # the same prompts and sampling as evaluate (auto lengths resolved alike)
     started = time.perf_counter()
     gold_fn = gold_reward_fn(ws)

@@ -25,13 +25,12 @@ def group_configs() -> dict[str, type]:
     from rlhf_core.trainers.sft import SFTConfig
     from tasks.heldout import EvaluateConfig
     from tasks.model_config import ModelConfig
-    from tasks.policies import PipelineConfig
     from tasks.prepare import PrepareConfig
     from tasks.promote import PromoteConfig
     from tasks.tracking.client import TrackingConfig
     from tasks.validation.suites import ValidationConfig
 
-    return {"model": ModelConfig, "pipeline": PipelineConfig, "grpo": GRPOConfig, "prepare": PrepareConfig, "validate": ValidationConfig, "sft": SFTConfig,
+    return {"model": ModelConfig, "grpo": GRPOConfig, "prepare": PrepareConfig, "validate": ValidationConfig, "sft": SFTConfig,
             "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "evaluate": EvaluateConfig,
             "promote": PromoteConfig, "tracking": TrackingConfig}
 
@@ -46,9 +45,11 @@ def nested_configs() -> dict[str, type]:
 def stage_keys() -> dict[str, dict[str, Any]]:
     """Keys a stage reads itself beside its config, with the default it applies."""
     from tasks import grpo, ppo
+    from tasks.policies import DEFAULT_TRAIN, TRAIN_KEY
 
-    return {"ppo": {key: None for key in ppo.STAGE_KEYS},  # ``group.get(key)``
-            "grpo": {"rewards": grpo.DEFAULT_REWARDS}}
+    switches = {stage: {TRAIN_KEY: default} for stage, default in DEFAULT_TRAIN.items()}
+    return {"ppo": {**{key: None for key in ppo.STAGE_KEYS}, **switches["ppo"]},  # ``group.get(key)``
+            "dpo": switches["dpo"], "grpo": {"rewards": grpo.DEFAULT_REWARDS, **switches["grpo"]}}
 
 
 def _defaults(cls: type) -> dict[str, Any]:

@@ -85,10 +85,10 @@ def test_a_failing_check_writes_nothing(params):
 
 def test_lists_are_replaced_as_one_flow_value_block_or_flow(params):
     before = params.read_text()
-    apply_overrides(params, ["pipeline.policies=[ppo, dpo, grpo]", "grpo.rewards=[{name: length, target: 4}]"])
+    apply_overrides(params, ["evaluate.max_prompts=[1, 2]", "grpo.rewards=[{name: length, target: 4}]"])
     after = params.read_text()
     loaded = yaml.safe_load(after)
-    assert loaded["pipeline"]["policies"] == ["ppo", "dpo", "grpo"]
+    assert loaded["evaluate"]["max_prompts"] == [1, 2]
     assert loaded["grpo"]["rewards"] == [{"name": "length", "target": 4}]
     assert "# rlhf_core.reward_registry" in after  # the block list's comment stays on its key line
     assert len(after.splitlines()) == len(before.splitlines()) - 1  # the one item line folded into the key line

@@ -20,7 +20,7 @@ from tasks.dvc_ops import status_clean
 from tests.workspace_factory import make_workspace, run
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "prepare", "validate", "sft", "reward", "ppo", "dpo", "evaluate", "promote"]
+STAGES = ["ingest", "prepare", "validate", "sft", "reward", "ppo", "dpo", "grpo", "evaluate", "promote"]
 ALWAYS_RUN = {"ingest"}  # always_changed: it checks the sources, and rewrites nothing when they did not change
 
 
@@ -40,7 +40,7 @@ def tracked_env(mlflow_server):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tracked_env) -> Path:
-    ws = make_workspace(tmp_path_factory.mktemp("pipeline") / "ws")
+    ws = make_workspace(tmp_path_factory.mktemp("pipeline") / "ws", ["grpo.train=true"])
     proc = repro(ws, env=tracked_env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert stages_run(proc.stdout) == set(STAGES) - ALWAYS_RUN
@@ -52,7 +52,7 @@ def workspace(tmp_path_factory, tracked_env) -> Path:
 def test_full_repro_produces_every_output(workspace):
     for stage in STAGES:
         assert json.loads((workspace / "metrics" / f"{stage}.json").read_text()), stage
-    for model in ("sft", "reward", "ppo", "dpo"):
+    for model in ("sft", "reward", "ppo", "dpo", "grpo"):
         assert list((workspace / "models" / model).glob("*.safetensors")), model
         assert not list((workspace / "models" / model).glob("*.bin")), model
     lock = (workspace / "dvc.lock").read_text()
@@ -60,7 +60,7 @@ def test_full_repro_produces_every_output(workspace):
     assert (workspace / "reports" / "validate" / "data_docs" / "index.html").exists()
     assert (workspace / "plots" / "sft" / "train.csv").read_text().startswith("step,")
     evaluation = json.loads((workspace / "metrics" / "evaluate.json").read_text())
-    for policy in ("sft", "ppo", "dpo"):
+    for policy in ("sft", "ppo", "dpo", "grpo"):
         for name in ("gold_reward", "rm_score", "kl_per_token", "kl_per_sequence", "response_length", "distinct_2"):
             assert f"{policy}/{name}" in evaluation
     assert "dpo/win_rate_vs_sft/gold" in evaluation and "ppo/win_rate_vs_sft/rm" in evaluation
@@ -81,6 +81,26 @@ def test_changing_dpo_beta_reruns_only_dpo_and_what_follows_it(workspace, tracke
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert stages_run(proc.stdout) == {"dpo", "evaluate", "promote"}
     run(["git", "commit", "-qam", "dpo.beta=0.25"], workspace)
+
+
+def test_a_policy_switched_off_reruns_only_its_stage_and_is_left_out_of_evaluation(workspace, tracked_env):
+    from tasks.params import apply_overrides
+
+    trained = (workspace / "models" / "grpo" / "model.safetensors").read_bytes()
+    apply_overrides(workspace / "params.yaml", ["grpo.train=false"])
+    proc = repro(workspace, env=tracked_env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert stages_run(proc.stdout) == {"grpo", "evaluate", "promote"}
+    assert (workspace / "models" / "grpo" / "NOT_TRAINED").exists()
+    assert json.loads((workspace / "metrics" / "grpo.json").read_text()) == {"trained": 0}
+    evaluation = json.loads((workspace / "metrics" / "evaluate.json").read_text())
+    assert not any(k.startswith("grpo/") for k in evaluation) and "dpo/gold_reward" in evaluation
+    # Switched back on and retrained (not restored from the run cache, so MLflow's latest runs match the files): the same model.
+    apply_overrides(workspace / "params.yaml", ["grpo.train=true"])
+    proc = repro(workspace, "--no-run-cache", env=tracked_env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (workspace / "models" / "grpo" / "model.safetensors").read_bytes() == trained
+    run(["git", "commit", "-qam", "grpo off and on again"], workspace)
 
 
 def _mlflow_client(uri: str):
