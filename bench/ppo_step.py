@@ -50,9 +50,10 @@ def plain_generate_tokens_per_s(model, tok, prompt_ids: list[list[int]], new_tok
     """Bare ``model.generate`` on the same left-padded batch; counts response tokens up to EOS."""
     import torch
 
-    from rlhf_core.data.collate import PromptCollator
+    from rlhf_core.data.collate import pad
 
-    batch = PromptCollator(tok.pad_token_id)([{"prompt_input_ids": p} for p in prompt_ids])
+    input_ids = pad(prompt_ids, tok.pad_token_id, left=True)  # (B, T) left-padded, as generation wants
+    batch = {"input_ids": input_ids, "attention_mask": pad([[1] * len(p) for p in prompt_ids], 0, left=True)}
     batch = {k: v.to(model.device) for k, v in batch.items()}
     rates = []
     for r in range(repeats):

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from rlhf_core.data.collate import PreferenceCollator, PromptCollator, SFTCollator
+from rlhf_core.data.collate import PreferenceCollator, SFTCollator
 from rlhf_core.data.formats import normalize
 from rlhf_core.data.loading import load_records
 from rlhf_core.data.tokenize import (
@@ -214,14 +214,8 @@ def test_preference_collator_pads_chosen_and_rejected_to_one_length() -> None:
     assert both.shape == (4, 5)
 
 
-def test_prompt_collator_left_pads_for_generation() -> None:
-    batch = PromptCollator(pad_token_id=0)([{"prompt_input_ids": [7, 8, 9]}, {"prompt_input_ids": [7]}])
-    assert batch["input_ids"].tolist() == [[7, 8, 9], [0, 0, 7]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
 def test_collators_need_a_pad_token() -> None:
-    for collator in (SFTCollator, PreferenceCollator, PromptCollator):
+    for collator in (SFTCollator, PreferenceCollator):
         with pytest.raises(ValueError, match="pad_token"):
             collator(None)
 

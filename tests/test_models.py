@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf_core.data.tokenize import encode_prompts
 from rlhf_core.models import (
     LoraSettings,
     TinyModelConfig,
     apply_lora,
     build_tiny_causal_lm,
-    chat_prompt_ids,
     last_token_index,
     load_causal_lm,
     load_reward_model,
@@ -112,20 +112,20 @@ def test_chat_template_renders_as_documented(tokenizer):
     with_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert with_prompt == expected + "<|assistant|>"
 
-    ids = chat_prompt_ids(tokenizer, messages)
+    ids = encode_prompts(tokenizer, [""], [messages])[0]  # how every stage encodes prompts
     assert isinstance(ids, list) and all(type(i) is int for i in ids)
     assert ids == tokenizer.encode(expected + "<|assistant|>")
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|system|>")
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
     assert tokenizer.decode(ids) == expected + "<|assistant|>"
-    assert chat_prompt_ids(tokenizer, messages, add_generation_prompt=False) == tokenizer.encode(expected)
+    assert tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"] == tokenizer.encode(expected)
 
 
 def test_chat_template_rejects_unknown_role(tokenizer):
     from jinja2 import TemplateError
 
     with pytest.raises(TemplateError, match="unknown role tool"):
-        chat_prompt_ids(tokenizer, [{"role": "tool", "content": "x"}])
+        encode_prompts(tokenizer, [""], [[{"role": "tool", "content": "x"}]])
 
 
 def test_tokenizer_save_and_load(tokenizer, tmp_path):
@@ -138,7 +138,7 @@ def test_tokenizer_save_and_load(tokenizer, tmp_path):
     text = " the red ball, said: hello"
     assert loaded.encode(text) == tokenizer.encode(text)
     messages = [{"role": "user", "content": "hello"}]
-    assert chat_prompt_ids(loaded, messages) == chat_prompt_ids(tokenizer, messages)
+    assert encode_prompts(loaded, [""], [messages]) == encode_prompts(tokenizer, [""], [messages])
 
 
 def test_load_tokenizer_falls_back_to_eos_for_pad(tokenizer, tmp_path):

@@ -4,7 +4,7 @@
     read_rows(source)                     -> raw rows with their place in the file (rows)
     normalize(ds, kind, format="auto")    -> prompt/prompt_messages/...          (formats)
     tokenize_sft / tokenize_preference / tokenize_prompts -> (ds, TokenizeStats) (tokenize)
-    SFTCollator / PreferenceCollator / PromptCollator -> padded tensors          (collate)
+    SFTCollator / PreferenceCollator -> padded tensors                          (collate)
 
 Names are re-exported lazily (PEP 562): importing the package, or one submodule such as
 ``formats``, does not import the others' dependencies (``transformers``, ``torch``).
@@ -37,13 +37,12 @@ _EXPORTS: dict[str, str] = {
     "tokenize_prompts": "tokenize",
     "SFTCollator": "collate",
     "PreferenceCollator": "collate",
-    "PromptCollator": "collate",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from rlhf_core.data.collate import PreferenceCollator, PromptCollator, SFTCollator
+    from rlhf_core.data.collate import PreferenceCollator, SFTCollator
     from rlhf_core.data.formats import (
         FORMATS_BY_KIND,
         PREFERENCE_FORMATS,

@@ -88,15 +88,3 @@ class PreferenceCollator:
             completion_only = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, sides[side])]
             batch[f"{side}_completion_mask"] = pad(completion_only, 0, length=width)  # (B, T)
         return batch
-
-
-class PromptCollator:
-    """``prompt_input_ids`` (or ``input_ids``) -> LEFT-padded ``input_ids``, ``attention_mask``, (B, T) each."""
-
-    def __init__(self, pad_token_id: int | None) -> None:
-        self.pad_token_id = _check_pad(pad_token_id)
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts = [e["prompt_input_ids"] if "prompt_input_ids" in e else e["input_ids"] for e in examples]
-        input_ids = pad(prompts, self.pad_token_id, left=True)  # (B, T)
-        return {"input_ids": input_ids, "attention_mask": _mask(prompts, input_ids.shape[1], left=True)}

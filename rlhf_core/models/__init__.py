@@ -13,7 +13,7 @@ from rlhf_core.models.scalar_head import (
     sequence_scores,
     token_scores,
 )
-from rlhf_core.models.tokenizer import CHAT_TEMPLATE, chat_prompt_ids, load_tokenizer, train_tokenizer
+from rlhf_core.models.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -21,7 +21,6 @@ __all__ = [
     "TinyModelConfig",
     "apply_lora",
     "build_tiny_causal_lm",
-    "chat_prompt_ids",
     "last_token_index",
     "load_causal_lm",
     "load_reward_model",

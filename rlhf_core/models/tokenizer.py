@@ -170,23 +170,3 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> l
         else:
             shutil.copyfile(path, out_dir / path.name)
     return [p.name for p in files]
-
-
-def chat_prompt_ids(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[dict[str, Any]],
-    *,
-    add_generation_prompt: bool = True,
-) -> list[int]:
-    """Token ids of ``messages`` rendered by the tokenizer's chat template, as a plain list.
-
-    In transformers 5, ``apply_chat_template(..., tokenize=True)`` returns a ``BatchEncoding``
-    (``return_dict=True`` is the default); older versions returned the id list. Asking for the
-    dict explicitly and taking ``input_ids`` gives the same answer in both.
-    """
-    if tokenizer.chat_template is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no chat_template; train one with train_tokenizer or set it")
-    encoded = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
-    )
-    return [int(i) for i in encoded["input_ids"]]
