@@ -45,7 +45,9 @@ def read_metrics(root: Path) -> dict[str, Any]:
 
 @task(name="apply-overrides")
 def apply_overrides_task(root: str, overrides: list[str]) -> dict[str, Any]:
-    changed = apply_overrides(Path(root) / "params.yaml", overrides)
+    from tasks.preflight import check_params
+
+    changed = apply_overrides(Path(root) / "params.yaml", overrides, check=check_params)  # nothing written unless all pass
     for key, (old, new) in changed.items():
         get_run_logger().info("params.yaml: %s = %r (was %r)", key, new, old)
     return {k: v[1] for k, v in changed.items()}

@@ -40,7 +40,14 @@ def run(
     from flows.alignment import alignment_flow
     from flows.report import print_run_summary
     from tasks.dvc_ops import StageFailed
+    from tasks.params import ParamsError
+    from tasks.preflight import preflight
 
+    try:
+        preflight(root, list(set_))
+    except ParamsError as err:
+        typer.secho(f"[rlhf] {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
     try:
         result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote, stages=list(stage) or None,
                                 ref=ref)

@@ -84,19 +84,22 @@ def _value_end(line: str, start: int) -> int:
     return len(line[:end].rstrip())
 
 
-def apply_overrides(path: Path, overrides: list[str], check: Callable[[dict[str, Any]], None] | None = None
-                    ) -> dict[str, Any]:
+def apply_overrides(path: Path, overrides: list[str], check: Callable[[dict[str, Any]], None] | None = None,
+                    *, write: bool = True) -> dict[str, Any]:
     """Write ``overrides`` into ``path``; return {dotted key: (old, new)} for each.
 
     The edit is minimal: only the overridden value's text changes (a key a group lacks, e.g. a
     config field left at its default, is added as one line at the end of the group); every other
     line, comment and ``null`` stays byte-identical. Nothing is written unless every override
     parses, names a key inside an existing group (never a whole group) and, when ``check`` is
-    given, the resulting parameters pass it (e.g. every stage's typed config builds).
+    given, the resulting parameters pass it (e.g. every stage's typed config builds). With
+    ``write=False`` everything is checked and nothing is written (a preflight).
     """
     from ruamel.yaml import YAML  # round-trip loader: gives each key's line and column
 
     if not overrides:
+        if check is not None:
+            check(load_params(path))
         return {}
     text = path.read_text()
     lines = text.splitlines(keepends=True)
@@ -155,6 +158,8 @@ def apply_overrides(path: Path, overrides: list[str], check: Callable[[dict[str,
         raise ParamsError(f"override {overrides!r}: the edited {path.name} would not be valid YAML: {err}") from err
     if check is not None:
         check(result)
+    if not write:
+        return changed
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(edited)
     tmp.replace(path)

@@ -13,43 +13,9 @@ from typing import Any
 
 import yaml
 
+from tasks.preflight import group_configs, nested_configs, stage_keys
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def group_configs() -> dict[str, type]:
-    """The typed config of each ``params.yaml`` group (the class its stage loads it into)."""
-    from rlhf_core.trainers.dpo import DPOConfig
-    from rlhf_core.trainers.grpo import GRPOConfig
-    from rlhf_core.trainers.ppo import PPOConfig
-    from rlhf_core.trainers.reward_model import RewardConfig
-    from rlhf_core.trainers.sft import SFTConfig
-    from tasks.heldout import EvaluateConfig
-    from tasks.model_config import ModelConfig
-    from tasks.prepare import PrepareConfig
-    from tasks.promote import PromoteConfig
-    from tasks.tracking.client import TrackingConfig
-    from tasks.validation.suites import ValidationConfig
-
-    return {"model": ModelConfig, "grpo": GRPOConfig, "prepare": PrepareConfig, "validate": ValidationConfig, "sft": SFTConfig,
-            "reward": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig, "evaluate": EvaluateConfig,
-            "promote": PromoteConfig, "tracking": TrackingConfig}
-
-
-def nested_configs() -> dict[str, type]:
-    """Groups inside groups that a stage loads into a config of their own, not through their parent's field type."""
-    from rlhf_core.models import TinyModelConfig
-
-    return {"model.tiny": TinyModelConfig}  # ModelConfig keeps it as a dict: tasks/ must not import torch at import time
-
-
-def stage_keys() -> dict[str, dict[str, Any]]:
-    """Keys a stage reads itself beside its config, with the default it applies."""
-    from tasks import grpo, ppo
-    from tasks.policies import DEFAULT_TRAIN, TRAIN_KEY
-
-    switches = {stage: {TRAIN_KEY: default} for stage, default in DEFAULT_TRAIN.items()}
-    return {"ppo": {**{key: None for key in ppo.STAGE_KEYS}, **switches["ppo"]},  # ``group.get(key)``
-            "dpo": switches["dpo"], "grpo": {"rewards": grpo.DEFAULT_REWARDS, **switches["grpo"]}}
 
 
 def _defaults(cls: type) -> dict[str, Any]:
