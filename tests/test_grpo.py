@@ -102,16 +102,20 @@ def test_resume_gives_identical_weights(tmp_path, tokenizer, prompts):
     class Crash(RuntimeError):
         pass
 
+    crashed: list[tuple[int, dict]] = []
+
     def crash_at_3(metrics, step):
         if step == 3:
             raise Crash
+        crashed.append((step, metrics))
 
     with pytest.raises(Crash):
         run("resumed", crash_at_3)
     assert [p.name for p in saved_checkpoints(tmp_path / "resumed")] == ["checkpoint_2"]
-    steps: list[int] = []
-    resumed = run("resumed", lambda m, s: steps.append(s))
-    assert 3 in steps and 1 not in steps  # it resumed at update 2
+    logs: list[tuple[int, dict]] = []
+    resumed = run("resumed", lambda m, s: logs.append((s, m)))
+    assert [s for s, _ in logs] == [1, 2, 2, 3, 4, 4]  # logs and evaluations at 2 and 4
+    assert logs[:3] == crashed  # up to the checkpoint: replayed from it (wall-clock timings too), not recomputed
     start = build_tiny_causal_lm(tokenizer, TINY).state_dict()
     a, b = straight.policy.state_dict(), resumed.policy.state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a), "training changed nothing"

@@ -254,9 +254,12 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
     class Crash(RuntimeError):
         pass
 
+    crashed_logs: dict[int, dict] = {}
+
     def crash_at_3(metrics, step):
         if step == 3:
             raise Crash  # after checkpoint_2, before checkpoint_4
+        crashed_logs.setdefault(step, {}).update(metrics)
     with pytest.raises(Crash):
         run("resumed", crash_at_3)
     assert [p.name for p in saved_checkpoints(tmp_path / "resumed")] == ["checkpoint_2"]
@@ -266,7 +269,10 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
     resumed_logs: dict[int, dict] = {}
     resumed = run("resumed", lambda m, s: resumed_logs.setdefault(s, {}).update(m))
 
-    assert sorted(resumed_logs) == [3, 4]  # it resumed at update 2, it did not start over
+    # The curve before the checkpoint is replayed from it (the logs of the crashed process, timings included),
+    # the rest is trained: every update is there, as in the uninterrupted run.
+    assert sorted(resumed_logs) == [1, 2, 3, 4]
+    assert resumed_logs[1] == crashed_logs[1] and resumed_logs[2] == crashed_logs[2]
     assert [p.name for p in saved_checkpoints(tmp_path / "resumed")] == ["checkpoint_2", "checkpoint_4"]
     for name, tensor in _weights(straight.policy).items():
         assert torch.equal(tensor, _weights(resumed.policy)[name]), name
@@ -275,7 +281,8 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
     def deterministic(logs: dict) -> dict:  # wall-clock timings (timing/*) differ between any two runs
         return {k: v for k, v in logs.items() if not k.startswith("timing/")}
 
-    assert deterministic(resumed_logs[4]) == deterministic(straight_logs[4])
+    for step in (1, 2, 3, 4):
+        assert deterministic(resumed_logs[step]) == deterministic(straight_logs[step]), step
     assert "timing/generation" in resumed_logs[4]
     # Optimizer moments and our own state (adaptive β, reward normalisation, counter) match too.
     last_a, last_b = (tmp_path / run_dir / "checkpoints" / "checkpoint_4" for run_dir in ("straight", "resumed"))
@@ -286,7 +293,11 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt_a[key][name], opt_b[key][name])
     state_a, state_b = ppo_state(last_a), ppo_state(last_b)
+    for state in (state_a, state_b):  # the kept curves hold wall-clock timings, which differ between any two runs
+        state["history"] = [(step, deterministic(metrics)) for step, metrics in state["history"]]
     assert state_a == state_b and state_a["update"] == 4 and state_a["kl_controller"]["value"] != PPOConfig.kl_coef
+    assert [step for step, _ in state_a["history"]] == [1, 2, 2, 3, 4, 4]  # train logs and the evaluations at 2 and 4
+    assert len(state_b["samples"]) == len(straight.samples) > 0
 
 
 # --- learning ------------------------------------------------------------------------------

@@ -44,28 +44,41 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash at step {self.step}")
 
 
-def _train(kind: str, toy, out_dir, callbacks=None):
+def _train(kind: str, toy, out_dir, callbacks=None, log_fn=None):
     sft, pref, tokenizer = toy
     torch.manual_seed(0)
     common = dict(output_dir=str(out_dir), max_steps=12, save_steps=5, eval_steps=100, logging_steps=2,
                   per_device_train_batch_size=8, max_length=32, progress=False, seed=3)
     policy = build_tiny_causal_lm(tokenizer, TinyModelConfig(hidden_size=32, n_layer=1, n_head=2, max_positions=32), seed=0)
     if kind == "sft":
-        return train_sft(policy, tokenizer, sft, sft.select(range(16)), SFTConfig(**common), callbacks=callbacks)
+        return train_sft(policy, tokenizer, sft, sft.select(range(16)), SFTConfig(**common), callbacks=callbacks, log_fn=log_fn)
     if kind == "reward":
         save_model(policy, tokenizer, out_dir.parent / f"{out_dir.name}-base")
         rm = load_reward_model(str(out_dir.parent / f"{out_dir.name}-base"))
-        return train_reward_model(rm, tokenizer, pref, pref.select(range(16)), RewardConfig(**common), callbacks=callbacks)
-    return train_dpo(policy, tokenizer, pref, pref.select(range(16)), DPOConfig(**common, learning_rate=1e-3), callbacks=callbacks)
+        return train_reward_model(rm, tokenizer, pref, pref.select(range(16)), RewardConfig(**common), callbacks=callbacks, log_fn=log_fn)
+    return train_dpo(policy, tokenizer, pref, pref.select(range(16)), DPOConfig(**common, learning_rate=1e-3), callbacks=callbacks, log_fn=log_fn)
 
 
 @pytest.mark.parametrize("kind", ["sft", "reward", "dpo"])
 def test_resume_after_crash_gives_the_same_weights(kind, toy, tmp_path):
-    uninterrupted = _train(kind, toy, tmp_path / "a").model
+    straight_logs: list[tuple[int, dict]] = []
+    uninterrupted = _train(kind, toy, tmp_path / "a", log_fn=lambda m, s: straight_logs.append((s, m))).model
     with pytest.raises(KeyboardInterrupt):
         _train(kind, toy, tmp_path / "b", callbacks=[CrashAt(7)])  # dies after the step-5 checkpoint
     assert (tmp_path / "b" / "checkpoint-5").is_dir()
-    resumed = _train(kind, toy, tmp_path / "b").model  # same output_dir: resumes from checkpoint-5
+    resumed_logs: list[tuple[int, dict]] = []
+    resumed = _train(kind, toy, tmp_path / "b", log_fn=lambda m, s: resumed_logs.append((s, m))).model  # from checkpoint-5
+    # The curve holds every step, the ones before the checkpoint replayed from it (runtime figures differ).
+    def curve(logs):  # the end-of-training summary (total_flos, mean loss of this call) is not a point of the curve
+        return [(step, {k: round(v, 5) for k, v in m.items() if "runtime" not in k and "per_second" not in k})
+                for step, m in logs if "train/total_flos" not in m]
+
+    assert [s for s, _ in resumed_logs] == [s for s, _ in straight_logs]
+    # The first train log after the resume (step 6) averages the batches since the resume only (as transformers
+    # does); every other point, replayed or trained, is the uninterrupted run's.
+    first_after = [i for i, (step, m) in enumerate(curve(straight_logs)) if step > 5 and "train/loss" in m][0]
+    assert [x for i, x in enumerate(curve(resumed_logs)) if i != first_after] == \
+        [x for i, x in enumerate(curve(straight_logs)) if i != first_after]
     changed = 0
     start = build_tiny_causal_lm(toy[2], TinyModelConfig(hidden_size=32, n_layer=1, n_head=2, max_positions=32), seed=0)
     start_params = dict(start.named_parameters())

@@ -151,6 +151,14 @@ class LogFnCallback(TrainerCallback):
     def __init__(self, log_fn: LogFn | None) -> None:
         self.log_fn = log_fn
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """On a resume, replay the curve the checkpoint kept (``log_history``), so it holds every step."""
+        if self.log_fn and state.global_step > 0:
+            for entry in state.log_history:
+                named = M.from_trainer_logs({k: v for k, v in entry.items() if k != "step"})
+                if named and "step" in entry:
+                    self.log_fn(named, entry["step"])
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.log_fn and logs:
             named = M.from_trainer_logs(logs)

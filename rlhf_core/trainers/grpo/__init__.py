@@ -8,7 +8,7 @@ token of a response carries its response's advantage in the clipped surrogate
 (``rlhf_core.rl.grpo_loss``, TRL 1.16's numerics), with an optional k3 KL to the frozen reference.
 
 - ``config``: :class:`GRPOConfig`;
-- ``trainer``: the loop (:class:`GRPOTrainer`) and :class:`GRPOState` for Accelerate checkpoints;
+- ``trainer``: one update and evaluation (:class:`GRPOTrainer`; the loop and checkpoints: ``rlhf_core.trainers.online``);
 - here: :func:`train_grpo`, which builds the models, optimizer and Accelerator and runs the loop.
 """
 
@@ -30,11 +30,11 @@ from rlhf_core.reward_sources import CombinedReward, RewardFn
 from rlhf_core.rollout import tokenize_prompt_records
 from rlhf_core.trainers.common import LogFn, resolve_precision
 from rlhf_core.trainers.grpo.config import GRPOConfig
-from rlhf_core.trainers.grpo.trainer import GRPOState, GRPOTrainer, SamplesFn
-from rlhf_core.trainers.ppo.checkpoint import project_configuration
+from rlhf_core.trainers.grpo.trainer import GRPOTrainer
+from rlhf_core.trainers.online import SamplesFn, project_configuration
 from rlhf_core.trainers.ppo.models import disable_dropout
 
-__all__ = ["GRPOConfig", "GRPOResult", "GRPOState", "GRPOTrainer", "train_grpo"]
+__all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "train_grpo"]
 
 
 @dataclass

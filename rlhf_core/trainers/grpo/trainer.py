@@ -2,15 +2,14 @@
 
 Sampling and log-prob recomputation are ``rlhf_core.rollout``'s (PPO's too); the advantages and
 the loss are ``rlhf_core.rl.group``'s; checkpoints are Accelerate's (``rlhf_core.trainers.ppo.checkpoint``,
-with :class:`GRPOState` registered), so a killed and resumed run ends with the same weights on CPU:
-prompt batches are a pure function of (seed, update) and the sampling RNG is restored.
+the loop and its checkpoints are ``rlhf_core.trainers.online``'s (shared with PPO), so a killed and
+resumed run ends with the same weights on CPU: prompt batches are a pure function of (seed, update)
+and the sampling RNG is restored.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -18,7 +17,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core import metrics as M
@@ -38,26 +36,13 @@ from rlhf_core.rollout import (
 from rlhf_core.trainers.common import LogFn
 from rlhf_core.trainers.divergence import DivergenceGuard
 from rlhf_core.trainers.grpo.config import GRPOConfig
-from rlhf_core.trainers.ppo.checkpoint import resume_from_latest, save_checkpoint
-
-SamplesFn = Callable[[list[dict[str, Any]], int], None]
+from rlhf_core.trainers.online import OnlineLoop, OnlineState, SamplesFn
 
 
-@dataclass
-class GRPOState:
-    """What GRPO adds to Accelerate's checkpoint: the update counter (the data position)."""
+class GRPOTrainer(OnlineLoop):
+    """The GRPO/RLOO update and evaluation; the loop is :class:`OnlineLoop`'s. Build it through :func:`train_grpo`."""
 
-    update: int = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"update": self.update}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.update = int(state["update"])
-
-
-class GRPOTrainer:
-    """The loop; build it through :func:`rlhf_core.trainers.grpo.train_grpo`."""
+    name = "grpo"
 
     def __init__(self, cfg: GRPOConfig, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any,
                  ref_policy: PreTrainedModel, reward_model: PreTrainedModel | None, reward: CombinedReward,
@@ -67,15 +52,10 @@ class GRPOTrainer:
         self.ref_policy, self.reward_model, self.reward, self.tokenizer = ref_policy, reward_model, reward, tokenizer
         self.train_prompts, self.eval_prompts = train, evaluation
         self.monitor_fn, self.log_fn, self.samples_fn = monitor_fn, log_fn, samples_fn
-        self.state = GRPOState()
+        self.state = OnlineState()
         accelerator.register_for_checkpointing(self.state)
-        self.samples: list[dict[str, Any]] = []
         self.eval_metrics: dict[str, float] = {}
         self.guard = DivergenceGuard(cfg.max_skipped_steps)
-
-    @property
-    def update(self) -> int:
-        return self.state.update
 
     @property
     def policy(self) -> PreTrainedModel:
@@ -221,37 +201,7 @@ class GRPOTrainer:
         metrics.update({M.key(M.EVAL, M.reward_part(k[len("reward/"):])): mean(k) for k in rows_all[0] if k.startswith("reward/")})
         if self.monitor_fn is not None:
             metrics[M.key(M.EVAL, M.OBJECTIVE_GOLD)] = mean("gold_reward")
-        samples = rows_all[:4]
-        self.samples += samples
         self.eval_metrics = metrics
-        if self.accelerator.is_main_process:
-            if self.log_fn is not None:
-                self.log_fn(metrics, self.update)
-            if self.samples_fn is not None:
-                self.samples_fn(samples, self.update)
+        self.log(metrics, self.update)
+        self.add_samples(rows_all[:4], self.update)
         return metrics
-
-    # --- the loop -------------------------------------------------------------------------
-
-    def train(self) -> None:
-        cfg = self.cfg
-        checkpoint = resume_from_latest(self.accelerator) if cfg.resume else None
-        if checkpoint is not None:
-            print(f"[rlhf] resuming GRPO from {checkpoint} (update {self.update})")
-        show = cfg.progress and self.accelerator.is_main_process
-        bar = tqdm(total=cfg.max_updates, initial=self.update, desc=cfg.advantage, disable=not show)
-        evaluated_at = -1
-        while self.update < cfg.max_updates:
-            metrics = self.step()
-            self.state.update += 1
-            bar.update(1)
-            if self.log_fn is not None and self.accelerator.is_main_process and self.update % cfg.logging_steps == 0:
-                self.log_fn(metrics, self.update)
-            if self.update % cfg.eval_steps == 0 or self.update == cfg.max_updates:
-                self.evaluate()
-                evaluated_at = self.update
-            if self.update % cfg.save_steps == 0 or self.update == cfg.max_updates:
-                save_checkpoint(self.accelerator, self.state)
-        bar.close()
-        if evaluated_at != self.update:  # resumed at the end: evaluate the final policy once
-            self.evaluate()

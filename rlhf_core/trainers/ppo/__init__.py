@@ -68,7 +68,8 @@ monitor (gold) reward.
 """
 
 from rlhf_core.rollout import response_logprobs
-from rlhf_core.trainers.ppo.checkpoint import PPOState, saved_checkpoints
+from rlhf_core.trainers.online import saved_checkpoints
+from rlhf_core.trainers.ppo.checkpoint import PPOState
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue, disable_dropout, value_model_from_policy
 from rlhf_core.trainers.ppo.rollout import RewardNorm, Rollout

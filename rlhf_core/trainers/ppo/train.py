@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from rlhf_core.reward_sources import CombinedReward, RewardFn
 from rlhf_core.rollout import tokenize_prompt_records
 from rlhf_core.trainers.common import LogFn, resolve_precision
-from rlhf_core.trainers.ppo.checkpoint import project_configuration
+from rlhf_core.trainers.online import project_configuration
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue, disable_dropout, value_model_from_policy
 from rlhf_core.trainers.ppo.rollout import RolloutCollector

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -11,7 +10,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from rlhf_core import metrics as M
 from rlhf_core.reward_sources import RewardFn
@@ -27,16 +25,17 @@ from rlhf_core.rl import (
 from rlhf_core.rollout import PROMPT_TEXT, prompt_rows, response_columns, response_logprobs
 from rlhf_core.trainers.common import LogFn
 from rlhf_core.trainers.divergence import DivergenceGuard
-from rlhf_core.trainers.ppo.checkpoint import PPOState, resume_from_latest, save_checkpoint
+from rlhf_core.trainers.online import OnlineLoop, SamplesFn
+from rlhf_core.trainers.ppo.checkpoint import PPOState
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue
 from rlhf_core.trainers.ppo.rollout import RewardNorm, Rollout, RolloutCollector
 
-SamplesFn = Callable[[list[dict[str, Any]], int], None]
 
+class PPOTrainer(OnlineLoop):
+    """The PPO update and evaluation; the loop is :class:`OnlineLoop`'s. Build it through :func:`rlhf_core.trainers.ppo.train_ppo`."""
 
-class PPOTrainer:
-    """The loop; build it through :func:`rlhf_core.trainers.ppo.train_ppo`."""
+    name = "ppo"
 
     def __init__(self, cfg: PPOConfig, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any,
                  collector: RolloutCollector, train: datasets.Dataset, evaluation: datasets.Dataset,
@@ -49,15 +48,10 @@ class PPOTrainer:
                   else FixedKLController(cfg.kl_coef))
         self.state = PPOState(kl_ctl=kl_ctl, reward_norm=RewardNorm())
         accelerator.register_for_checkpointing(self.state)
-        self.samples: list[dict[str, Any]] = []
         self.eval_metrics: dict[str, float] = {}
         self.guard = DivergenceGuard(cfg.max_skipped_steps)  # a NaN gradient never reaches the weights
         self.timing: dict[str, float] = {}
         """Wall time of the phases of the last rollout (``generation``, ``scoring``) and its token count."""
-
-    @property
-    def update(self) -> int:
-        return self.state.update
 
     @property
     def unwrapped(self) -> PolicyAndValue:
@@ -199,42 +193,13 @@ class PPOTrainer:
             metrics[M.key(M.EVAL, M.OBJECTIVE_SCORES)] - self.state.kl_ctl.value * metrics[M.key(M.EVAL, M.OBJECTIVE_KL)])
         if self.monitor_fn is not None:
             metrics[M.key(M.EVAL, M.OBJECTIVE_GOLD)] = sum(r["gold_reward"] for r in rows_all) / n
-        samples = rows_all[: cfg.n_eval_samples]
-        self.samples += samples
         self.eval_metrics = metrics
-        if self.accelerator.is_main_process:
-            if self.log_fn is not None:
-                self.log_fn(metrics, self.update)
-            if self.samples_fn is not None and samples:
-                self.samples_fn(samples, self.update)
+        self.log(metrics, self.update)
+        self.add_samples(rows_all[: cfg.n_eval_samples], self.update)
         return metrics
 
-    # --- the loop -----------------------------------------------------------------------
-
-    def train(self) -> None:
-        cfg = self.cfg
-        checkpoint = resume_from_latest(self.accelerator) if cfg.resume else None
-        if checkpoint is not None:
-            print(f"[rlhf] resuming PPO from {checkpoint} (update {self.update})")
-        else:
-            if cfg.normalize_reward:
-                self.fit_reward_norm()
-            if cfg.eval_on_start:
-                self.evaluate()
-        show = cfg.progress and self.accelerator.is_main_process
-        bar = tqdm(total=cfg.max_updates, initial=self.update, desc="ppo", disable=not show)
-        evaluated_at = -1
-        while self.update < cfg.max_updates:
-            metrics = self.step()
-            self.state.update += 1
-            bar.update(1)
-            if self.log_fn is not None and self.accelerator.is_main_process and self.update % cfg.logging_steps == 0:
-                self.log_fn(metrics, self.update)
-            if self.update % cfg.eval_steps == 0 or self.update == cfg.max_updates:
-                self.evaluate()
-                evaluated_at = self.update
-            if self.update % cfg.save_steps == 0 or self.update == cfg.max_updates:
-                save_checkpoint(self.accelerator, self.state)
-        bar.close()
-        if evaluated_at != self.update:  # resumed at the end: evaluate the final policy once
+    def start_fresh(self) -> None:
+        if self.cfg.normalize_reward:
+            self.fit_reward_norm()
+        if self.cfg.eval_on_start:
             self.evaluate()
