@@ -14,6 +14,7 @@ from rlhf_core.data.collate import PreferenceCollator
 from rlhf_core.data.tokenize import TruncationConfig, tokenize_preference
 from rlhf_core.losses import reward_loss
 from rlhf_core.models.scalar_head import sequence_scores
+from rlhf_core.promotion import bootstrap_mean_interval
 from rlhf_core.trainers.common import (
     LogFn,
     LogFnCallback,
@@ -25,6 +26,10 @@ from rlhf_core.trainers.common import (
 )
 from rlhf_core.trainers.lora_wrap import maybe_apply_lora
 from rlhf_core.trainers.sft import TrainResult
+
+ACCURACY_INTERVAL = 0.95
+"""Two-sided level of the held-out accuracy's bootstrap interval (``eval/accuracy_ci_low``/``_high``)."""
+N_BOOTSTRAP = 2000
 
 
 @dataclass
@@ -71,10 +76,15 @@ class RewardTrainer(StoredMetricsTrainer):
         chosen = self.gather_across_processes(torch.cat(chosen_all))
         rejected = self.gather_across_processes(torch.cat(rejected_all))
         both = torch.cat([chosen, rejected])
+        correct = (chosen > rejected).double().cpu().numpy()  # (N,) 1 where the chosen reply scores higher
+        low, high = bootstrap_mean_interval(correct, confidence=(1 + ACCURACY_INTERVAL) / 2, n_bootstrap=N_BOOTSTRAP,
+                                            seed=self.args.seed)
         return self.finish_evaluate(
             {
                 M.LOSS: float(reward_loss(chosen, rejected).mean()),
-                M.ACCURACY: float((chosen > rejected).float().mean()),
+                M.ACCURACY: float(correct.mean()),
+                M.ACCURACY_CI_LOW: low,
+                M.ACCURACY_CI_HIGH: high,
                 M.MARGIN: float((chosen - rejected).mean()),
                 M.REWARD_MEAN: float(both.mean()),
                 M.REWARD_STD: float(both.std()),
