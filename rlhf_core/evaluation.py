@@ -24,11 +24,16 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def pairwise_wins(scores: Sequence[float], baseline: Sequence[float]) -> list[float]:
+    """Per prompt: 1 where ``scores`` beats ``baseline``, ½ on a tie, 0 otherwise (their mean is :func:`win_rate`)."""
+    return [1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline)]
+
+
 def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
     """Share of prompts where ``scores`` beat ``baseline`` (ties count ½)."""
     if len(scores) != len(baseline) or not scores:
         raise ValueError(f"win_rate needs two equal, non-empty lists; got {len(scores)} and {len(baseline)}")
-    return sum(1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline)) / len(scores)
+    return sum(pairwise_wins(scores, baseline)) / len(scores)
 
 
 def sequence_kl(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

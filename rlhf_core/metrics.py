@@ -85,6 +85,16 @@ DISTINCT_2 = "distinct_2"
 WIN_RATE_VS_SFT_GOLD = "win_rate_vs_sft/gold"
 WIN_RATE_VS_SFT_RM = "win_rate_vs_sft/rm"
 POLICY_HEADLINE = (GOLD_REWARD, RM_SCORE, KL_PER_TOKEN, WIN_RATE_VS_SFT_GOLD, WIN_RATE_VS_SFT_RM, DISTINCT_2)
+
+
+def ci_low(name: str) -> str:
+    """``<name>_ci_low``: the lower end of the 95% bootstrap interval of metric ``name``."""
+    return f"{name}_ci_low"
+
+
+def ci_high(name: str) -> str:
+    """``<name>_ci_high``: the upper end of the 95% bootstrap interval of metric ``name``."""
+    return f"{name}_ci_high"
 """The per-policy numbers a run's summary table shows (``rlhf run``)."""
 
 # Trainer's own log keys -> ours.

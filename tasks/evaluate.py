@@ -19,11 +19,13 @@ STAGE = "evaluate"
 
 
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
+    import numpy as np
     import torch
 
     from rlhf_core import metrics as M
-    from rlhf_core.evaluation import evaluate_policy, win_rate
+    from rlhf_core.evaluation import evaluate_policy, pairwise_wins, win_rate
     from rlhf_core.models import load_causal_lm, load_reward_model
+    from rlhf_core.promotion import bootstrap_mean_interval
     from tasks.evaluation_report import write_plots
     from tasks.policies import trained_policies
     from tasks.training_io import gold_reward_fn, load_tokenizer
@@ -47,10 +49,20 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     metrics: dict[str, Any] = {"n_prompts": len(prompts), "n_prompts_too_long": held.n_too_long, **lengths}
     for name, res in results.items():
         metrics.update({f"{name}/{k}": v for k, v in res.metrics.items()})
+        per_prompt = {M.RM_SCORE: res.rm_scores, M.KL_PER_TOKEN: res.kl_per_token}
+        if res.gold is not None:
+            per_prompt[M.GOLD_REWARD] = res.gold
         if name != "sft":
-            metrics[f"{name}/{M.WIN_RATE_VS_SFT_RM}"] = win_rate(res.rm_scores, results["sft"].rm_scores)
+            sft = results["sft"]
+            metrics[f"{name}/{M.WIN_RATE_VS_SFT_RM}"] = win_rate(res.rm_scores, sft.rm_scores)
+            per_prompt[M.WIN_RATE_VS_SFT_RM] = pairwise_wins(res.rm_scores, sft.rm_scores)
             if res.gold is not None:
-                metrics[f"{name}/{M.WIN_RATE_VS_SFT_GOLD}"] = win_rate(res.gold, results["sft"].gold)
+                metrics[f"{name}/{M.WIN_RATE_VS_SFT_GOLD}"] = win_rate(res.gold, sft.gold)
+                per_prompt[M.WIN_RATE_VS_SFT_GOLD] = pairwise_wins(res.gold, sft.gold)
+        for key, values in per_prompt.items():  # 95% percentile bootstrap over prompts (paired for win rates)
+            low, high = bootstrap_mean_interval(np.asarray(values, dtype=np.float64), confidence=0.975, n_bootstrap=2000,
+                                                seed=cfg.seed)
+            metrics[f"{name}/{M.ci_low(key)}"], metrics[f"{name}/{M.ci_high(key)}"] = low, high
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     samples = [
         {"policy": name, "prompt": prompts[i], "response": res.responses[i], "rm_score": res.rm_scores[i],

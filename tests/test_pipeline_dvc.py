@@ -64,6 +64,8 @@ def test_full_repro_produces_every_output(workspace):
         for name in ("gold_reward", "rm_score", "kl_per_token", "kl_per_sequence", "response_length", "distinct_2"):
             assert f"{policy}/{name}" in evaluation
     assert "dpo/win_rate_vs_sft/gold" in evaluation and "ppo/win_rate_vs_sft/rm" in evaluation
+    for key in ("sft/gold_reward", "dpo/rm_score", "ppo/kl_per_token", "dpo/win_rate_vs_sft/gold", "grpo/win_rate_vs_sft/rm"):
+        assert evaluation[f"{key}_ci_low"] <= evaluation[key] <= evaluation[f"{key}_ci_high"], key  # 95% bootstrap
 
 
 def test_second_repro_runs_nothing(workspace, tracked_env):
