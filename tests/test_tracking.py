@@ -342,3 +342,9 @@ def test_parent_run_record_round_trip_through_an_s3_artifact_store(s3_server, tm
     assert record["commit"] == "abc" and record["logged_metrics"] == {"dpo/eval/loss": 0.5}
     assert store.get_run(run_id).data.params == {"dpo.beta": "0.1"}
     assert store.get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_experiment_opens_on_the_model_training_runs_view(client, tmp_path):
+    """MLflow 3's UI reads the experiment's ``mlflow.experimentKind`` tag; without it, it may land on GenAI traces."""
+    experiment = connect(tmp_path, {"experiment": "test-tracking-view"}).experiment_id()
+    assert client.get_experiment(experiment).tags.get("mlflow.experimentKind") == "custom_model_development"

@@ -83,12 +83,16 @@ class Tracking:
         if found is not None:
             return found.experiment_id
         try:
-            return self.client.create_experiment(self.experiment)
+            return self.client.create_experiment(self.experiment, tags=EXPERIMENT_TAGS)
         except MlflowException:  # another stage process created it in between
             found = self.client.get_experiment_by_name(self.experiment)
             if found is None:
                 raise
             return found.experiment_id
+
+
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Tags of an experiment the pipeline creates: the MLflow UI opens it on its model-training runs view (not GenAI traces)."""
 
 
 def connect(project_dir: Path, tracking: Mapping[str, Any] | None = None) -> Tracking:
