@@ -26,9 +26,7 @@ ACCURACY = "accuracy"
 MARGIN = "margin"
 REWARD_MEAN = "reward_mean"
 REWARD_STD = "reward_std"
-ACCURACY_CI_LOW = "accuracy_ci_low"
-ACCURACY_CI_HIGH = "accuracy_ci_high"
-"""Ends of the 95% percentile-bootstrap interval of the held-out accuracy (``eval/...``), pairs resampled."""
+# + the held-out accuracy's 95% bootstrap interval (pairs resampled): ci_low(ACCURACY), ci_high(ACCURACY).
 
 # The reward model against the synthetic task's label-noise ceiling (``eval/...`` of the reward stage).
 BAYES_ACCURACY = "bayes_accuracy"

@@ -83,8 +83,8 @@ class RewardTrainer(StoredMetricsTrainer):
             {
                 M.LOSS: float(reward_loss(chosen, rejected).mean()),
                 M.ACCURACY: float(correct.mean()),
-                M.ACCURACY_CI_LOW: low,
-                M.ACCURACY_CI_HIGH: high,
+                M.ci_low(M.ACCURACY): low,
+                M.ci_high(M.ACCURACY): high,
                 M.MARGIN: float((chosen - rejected).mean()),
                 M.REWARD_MEAN: float(both.mean()),
                 M.REWARD_STD: float(both.std()),
