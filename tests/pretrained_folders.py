@@ -10,7 +10,8 @@ task's texts (so the pipeline's data has few unknown tokens), and neither has a 
   front, ``<unk>``), ChatML role markers and a ChatML ``chat_template``; eos is ``<|im_end|>``,
   the end of a turn, as in ChatML chat models.
 - :func:`gpt2_folder`: a GPT-2 with a byte-level BPE whose only special token is
-  ``<|endoftext|>`` (bos = eos = unk), and no chat template.
+  ``<|endoftext|>`` (bos = eos = unk), and no chat template (``rlhf_core.models.demo_base``, the
+  builder the README's walkthrough uses, at this module's tiny size).
 """
 
 from __future__ import annotations
@@ -74,22 +75,7 @@ def llama_folder(dest: Path, *, max_position_embeddings: int = 96, seed: int = 0
 
 def gpt2_folder(dest: Path, *, n_positions: int = 96, seed: int = 0) -> Path:
     """A tiny GPT-2 checkpoint with a byte-level BPE, ``<|endoftext|>`` only, no pad token, no chat template."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from rlhf_core.models.demo_base import build_gpt2_folder
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(training_texts(), trainer=trainer)
-    eot = "<|endoftext|>"
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=eot)
-    assert tokenizer.pad_token is None and not tokenizer.chat_template
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=1, n_head=4,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    GPT2LMHeadModel(config).save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    return dest
+    return build_gpt2_folder(dest, training_texts(), vocab_size=400, n_positions=n_positions, n_embd=32, n_layer=1,
+                             n_head=4, seed=seed)
