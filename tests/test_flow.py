@@ -4,7 +4,6 @@ and compared."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -48,6 +47,17 @@ def monkeypatch_module():
     mp.undo()
 
 
+@pytest.fixture(scope="module")
+def beta_run(flow_ws, first_run):
+    """A second pipeline run with ``dpo.beta=0.3`` (committed): what the override and compare tests look at,
+    whichever of them runs first."""
+    from flows.alignment import alignment_flow
+
+    result = alignment_flow(workspace=str(flow_ws), overrides=["dpo.beta=0.3"])
+    run(["git", "commit", "-qam", "dpo.beta=0.3"], flow_ws)
+    return result
+
+
 def _parent(flow_ws: Path, run_id: str):
     from mlflow.tracking import MlflowClient
 
@@ -61,7 +71,7 @@ def test_flow_runs_every_stage_and_summarises_on_the_parent_run(flow_ws, first_r
     parent = _parent(flow_ws, first_run["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["prefect.flow_run_id"] and parent.data.tags["git.commit"] != "unknown"
-    evaluation = json.loads((flow_ws / "metrics" / "evaluate.json").read_text())
+    evaluation = first_run["metrics"]["evaluate"]  # what this run wrote (later tests rewrite the workspace's file)
     assert parent.data.metrics["evaluate/dpo/gold_reward"] == pytest.approx(evaluation["dpo/gold_reward"])
     assert parent.data.params["dpo.beta"] == "0.1"
     # stage runs are nested under the parent
@@ -82,15 +92,11 @@ def test_second_run_skips_every_stage_and_dvc_has_nothing_to_do(flow_ws, first_r
     assert status_clean(flow_ws)
 
 
-def test_override_reruns_only_the_affected_stages(flow_ws, first_run):
-    from flows.alignment import alignment_flow
-
-    result = alignment_flow(workspace=str(flow_ws), overrides=["dpo.beta=0.3"])
-    ran = {s["stage"] for s in result["stages"] if s["ran"]}
+def test_override_reruns_only_the_affected_stages(flow_ws, beta_run):
+    ran = {s["stage"] for s in beta_run["stages"] if s["ran"]}
     assert ran == {"ingest", "dpo", "evaluate", "promote"}
     assert "beta: 0.3" in (flow_ws / "params.yaml").read_text()
-    assert _parent(flow_ws, result["parent_run_id"]).data.params["dpo.beta"] == "0.3"
-    run(["git", "commit", "-qam", "dpo.beta=0.3"], flow_ws)
+    assert _parent(flow_ws, beta_run["parent_run_id"]).data.params["dpo.beta"] == "0.3"
 
 
 def test_reproduce_reports_matching_metrics(flow_ws, first_run, tmp_path):
@@ -120,7 +126,7 @@ def test_reproduce_with_recompute_retrains_and_matches_exactly_on_cpu(flow_ws, f
     run(["git", "worktree", "remove", "--force", str(tmp_path / "recompute")], flow_ws)
 
 
-def test_compare_shows_the_differing_parameter(flow_ws, first_run):
+def test_compare_shows_the_differing_parameter(flow_ws, first_run, beta_run):
     from tasks.compare import compare, pipeline_runs
 
     runs = pipeline_runs(flow_ws, None, last=10)
@@ -142,7 +148,8 @@ def test_a_failing_stage_fails_the_flow_names_it_and_keeps_earlier_outputs(flow_
     assert "reward" in str(info.value) and "learning_rate" in str(info.value)
     assert (flow_ws / "models" / "sft" / "model.safetensors").read_bytes() == before
     # The failed stage's previous outputs are in the DVC cache (models) and git (metrics): nothing is lost.
-    run(["git", "checkout", "--", "params.yaml", "metrics"], flow_ws)
+    # (dvc.lock too: ingest ran before the failure and recorded its new metrics file, which holds its timing.)
+    run(["git", "checkout", "--", "params.yaml", "metrics", "dvc.lock"], flow_ws)
     run(["dvc", "checkout"], flow_ws)
     assert list((flow_ws / "models" / "reward").glob("*.safetensors"))
     assert status_clean(flow_ws)
