@@ -140,12 +140,19 @@ def test_a_failing_stage_fails_the_flow_names_it_and_keeps_earlier_outputs(flow_
     from flows.alignment import alignment_flow
     from tasks.dvc_ops import StageFailed
 
+    from tasks.params import ParamsError
+
     before = (flow_ws / "models" / "sft" / "model.safetensors").read_bytes()
-    # An invalid value only the reward stage reads: prepare..sft are untouched, reward fails.
-    with pytest.raises(StageFailed) as info:
+    params_before = (flow_ws / "params.yaml").read_text()
+    # A value no stage accepts is refused before anything runs, and params.yaml is not touched.
+    with pytest.raises(ParamsError, match="reward: learning_rate must be > 0"):
         alignment_flow(workspace=str(flow_ws), overrides=["reward.learning_rate=-1"], push=False)
+    assert (flow_ws / "params.yaml").read_text() == params_before
+    # A learning rate that makes only the reward stage diverge: prepare..sft are untouched, reward fails, naming the step.
+    with pytest.raises(StageFailed) as info:
+        alignment_flow(workspace=str(flow_ws), overrides=["reward.learning_rate=1e30"], push=False)
     assert info.value.stage == "reward"
-    assert "reward" in str(info.value) and "learning_rate" in str(info.value)
+    assert "reward" in str(info.value) and "training diverged at optimizer step" in str(info.value)
     assert (flow_ws / "models" / "sft" / "model.safetensors").read_bytes() == before
     # The failed stage's previous outputs are in the DVC cache (models) and git (metrics): nothing is lost.
     # (dvc.lock too: ingest ran before the failure and recorded its new metrics file, which holds its timing.)
