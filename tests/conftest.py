@@ -45,3 +45,9 @@ pytest_plugins = ["tests.learning_fixtures", "tests.servers"]
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    """One SQLite MLflow store per test module (created once; stages run in process track to it)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"

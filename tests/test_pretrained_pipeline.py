@@ -16,37 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.params import apply_overrides, load_params
+from tasks.params import load_params
 from tasks.workspace import Workspace
 from tests.pretrained_folders import gpt2_folder, llama_folder
-from tests.workspace_factory import PROJECT, TINY, TINY_PPO, make_workspace
+from tests.workspace_factory import ALL_AUTO, PIPELINE, make_workspace, run_in_process, stage_workspace
+from tests.workspace_factory import stage_metrics as _metrics
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare", "validate", "sft", "reward", "ppo", "dpo", "evaluate", "promote"]
 POLICIES = ("sft", "ppo", "dpo")
 TRACKED = ("sft", "ppo")  # run through stage_main in the LoRA test (the others through run(): faster)
-ALL_AUTO = ["validate.max_prompt_tokens=auto", "sft.max_length=auto", "reward.max_length=auto", "dpo.max_length=auto",
-            "ppo.max_new_tokens=auto", "ppo.max_length=auto", "evaluate.max_new_tokens=auto"]
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    """One SQLite store for the module (promote reads the registry; created once)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 def _workspace(root: Path, folder: Path, tracking_uri: str, *overrides: str) -> tuple[Workspace, dict]:
-    ws = Workspace(root / "ws")
-    ws.root.mkdir(parents=True)
-    for name in ("params.yaml", "dvc.yaml"):
-        (ws.root / name).write_text((PROJECT / name).read_text())
-    apply_overrides(ws.params_file, [*TINY, *TINY_PPO, f"model.name_or_path={folder}", f"tracking.uri={tracking_uri}",
-                                     "tracking.registered_model=pretrained-policy", *overrides])
-    return ws, load_params(ws.params_file)
-
-
-def _metrics(ws: Workspace, stage: str) -> dict:
-    return json.loads(ws.metrics(stage).read_text())
+    return stage_workspace(root / "ws", [f"model.name_or_path={folder}", f"tracking.uri={tracking_uri}",
+                                         "tracking.registered_model=pretrained-policy", *overrides])
 
 
 def _check_outputs(ws: Workspace, folder: Path, arch_prefix: str) -> None:
@@ -93,8 +76,7 @@ def test_every_stage_on_a_pretrained_folder(arch, tmp_path, tracking_uri):
     build, prefix = {"llama": (llama_folder, "Llama"), "gpt2": (gpt2_folder, "GPT2")}[arch]
     folder = build(tmp_path / "base")
     ws, params = _workspace(tmp_path, folder, tracking_uri, *(ALL_AUTO if arch == "gpt2" else []))
-    for stage in STAGES:
-        importlib.import_module(f"tasks.{stage}").run(params, ws, None)
+    run_in_process(params, ws)
 
     _check_outputs(ws, folder, prefix)
     prepare = _metrics(ws, "prepare")
@@ -131,7 +113,7 @@ def test_lora_with_auto_lengths_capped_by_a_short_context(tmp_path, tracking_uri
         "tracking.experiment=pretrained-lora", *ALL_AUTO, *lora, "sft.max_prompt_length=auto"]))
     monkeypatch.setenv("RLHF_WORKSPACE", str(ws.root))
     params = load_params(ws.params_file)
-    for stage in STAGES:
+    for stage in PIPELINE:
         if stage in TRACKED:  # the stage's entry point: its MLflow run records the lengths it used
             stage_main(stage, importlib.import_module(f"tasks.{stage}").run)
         else:

@@ -1,17 +1,25 @@
 """Build a throw-away pipeline workspace: a git + DVC repo holding this project's pipeline files.
 
 Tests run the real ``dvc`` CLI (and the Prefect flow) in it, with a tiny ``params.yaml``.
+``stage_workspace`` is the light kind: a folder with ``params.yaml`` and ``dvc.yaml`` only, for
+running stages in the test process through their ``run(params, ws)``.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
-from tasks.params import apply_overrides
+from tasks.params import apply_overrides, load_params
+from tasks.workspace import Workspace
 
 PROJECT = Path(__file__).resolve().parents[1]
+PIPELINE = ("prepare", "validate", "sft", "reward", "ppo", "dpo", "evaluate", "promote")
+"""The stages after ``ingest``, in order (``grpo`` is off by default)."""
 COPIED = ("rlhf_core", "tasks", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore")
 
 # Small enough for CI (the whole pipeline in about a minute on 2 cores), large enough to be real.
@@ -28,6 +36,9 @@ TINY = [
 ]
 TINY_PPO = ["ppo.max_updates=2", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=8", "ppo.ppo_epochs=1",
             "ppo.eval_steps=2", "ppo.save_steps=1", "ppo.max_new_tokens=8", "ppo.reward_norm_batches=1"]
+ALL_AUTO = ["validate.max_prompt_tokens=auto", "sft.max_length=auto", "reward.max_length=auto", "dpo.max_length=auto",
+            "ppo.max_new_tokens=auto", "ppo.max_length=auto", "evaluate.max_new_tokens=auto"]
+"""Every length setting from the data (``tasks/lengths.py``)."""
 TINY_GRPO = ["grpo.max_updates=2", "grpo.prompts_per_update=4", "grpo.num_generations=4", "grpo.mini_batch_size=8",
              "grpo.eval_steps=2", "grpo.save_steps=1", "grpo.max_new_tokens=8"]
 
@@ -55,3 +66,28 @@ def make_workspace(dest: Path, overrides: list[str] | None = None, remote: Path 
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "workspace"], dest)
     return dest
+
+
+def stage_workspace(dest: Path, overrides: list[str]) -> tuple[Workspace, dict[str, Any]]:
+    """A folder with this project's ``params.yaml`` (TINY sizes, then ``overrides``) and ``dvc.yaml``, and its params.
+
+    No git, no DVC: stages run in the test process through ``run(params, ws)`` (what ``python -m
+    tasks.<stage>`` runs), which is faster than their entry points.
+    """
+    ws = Workspace(dest)
+    ws.root.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        (ws.root / name).write_text((PROJECT / name).read_text())
+    apply_overrides(ws.params_file, [*TINY, *TINY_PPO, *overrides])
+    return ws, load_params(ws.params_file)
+
+
+def run_in_process(params: dict[str, Any], ws: Workspace, stages: tuple[str, ...] | list[str] = PIPELINE) -> None:
+    """Run ``stages`` in order through their ``run(params, ws)``, untracked."""
+    for stage in stages:
+        importlib.import_module(f"tasks.{stage}").run(params, ws, None)
+
+
+def stage_metrics(ws: Workspace, stage: str) -> dict[str, Any]:
+    """``metrics/<stage>.json`` of ``ws``."""
+    return json.loads(ws.metrics(stage).read_text())
