@@ -10,7 +10,7 @@ shape (context, width, depth) is chosen by the caller.
 
 Command line (the texts: every string in every record of the data files, any supported format)::
 
-    .venv/bin/python -m rlhf_core.models.demo_base models/base --texts data/alpaca.json data/hh.jsonl.gz
+    .venv/bin/python -m rlhf_core.models.demo_base base-models/demo-gpt2 --texts data/alpaca.json data/hh.jsonl.gz
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def texts_of(sources: Iterable[str | Path]) -> Iterator[str]:
 
 
 def build_gpt2_folder(
-    dest: str | Path, texts: Iterable[str], *, vocab_size: int = 2000, n_positions: int = 1024, n_embd: int = 64,
+    dest: str | Path, texts: Iterable[str], *, vocab_size: int = 2000, n_positions: int = 512, n_embd: int = 64,
     n_layer: int = 2, n_head: int = 4, seed: int = 0,
 ) -> Path:
     """Write a GPT-2 checkpoint and its byte-level BPE tokenizer (trained on ``texts``) to ``dest``; returns ``dest``."""
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dest", type=Path, help="folder to write (use it as model.name_or_path)")
     parser.add_argument("--texts", nargs="+", required=True, help="data files whose strings train the tokenizer")
     parser.add_argument("--vocab-size", type=int, default=2000)
-    parser.add_argument("--context", type=int, default=1024, help="n_positions: the longest sequence")
+    parser.add_argument("--context", type=int, default=512, help="n_positions: the longest sequence")
     parser.add_argument("--width", type=int, default=64, help="n_embd")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
