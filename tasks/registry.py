@@ -79,7 +79,9 @@ def register_model(
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    version = client.create_model_version(name, f"models:/{logged.model_id}", run_id=run_id,
+    # The source is the logged model's artifact location, not "models:/<id>": a database registry store resolves
+    # that URI through MLflow's global tracking URI (an MLflow TODO), i.e. a store other than this client's.
+    version = client.create_model_version(name, logged.artifact_location, run_id=run_id,
                                           tags={k: str(v) for k, v in tags.items()}, model_id=logged.model_id)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
@@ -103,8 +105,9 @@ def downloaded_model(client: MlflowClient, name: str, version: str) -> Iterator[
     import mlflow.artifacts
 
     with tempfile.TemporaryDirectory(prefix="rlhf-champion-") as tmp:
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp,
-                                                        tracking_uri=client.tracking_uri))
+        # The version's storage location through this client's registry ("models:/..." would use the global one).
+        location = client.get_model_version_download_uri(name, version)
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp, tracking_uri=client.tracking_uri))
         yield root / "model", root / "components" / "tokenizer"
 
 

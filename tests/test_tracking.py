@@ -348,3 +348,24 @@ def test_the_experiment_opens_on_the_model_training_runs_view(client, tmp_path):
     """MLflow 3's UI reads the experiment's ``mlflow.experimentKind`` tag; without it, it may land on GenAI traces."""
     experiment = connect(tmp_path, {"experiment": "test-tracking-view"}).experiment_id()
     assert client.get_experiment(experiment).tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
+def test_register_model_uses_the_clients_store_not_the_global_one(tmp_path, monkeypatch):
+    """A database registry resolves ``models:/<id>`` through MLflow's global URI; registration must not depend on it."""
+    from mlflow import MlflowClient
+
+    from rlhf_core.models import TinyModelConfig, build_tiny_causal_lm, train_tokenizer
+    from tasks.registry import downloaded_model, register_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # where a stray default store (./mlflow.db, ./mlruns) would appear
+    store = tmp_path / "store"
+    store.mkdir()
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("e", artifact_location=str(store / "artifacts")))
+    tokenizer = train_tokenizer(["hello world"] * 10, vocab_size=300)
+    model = build_tiny_causal_lm(tokenizer, TinyModelConfig(hidden_size=32, n_layer=1, n_head=2))
+    version = register_model(client, run.info.run_id, model, tokenizer, "policy", {"git.commit": "abc"})
+    assert str(version.version) == "1" and not (tmp_path / "mlflow.db").exists()
+    with downloaded_model(client, "policy", str(version.version)) as (model_dir, tokenizer_dir):
+        assert (model_dir / "config.json").exists() and any(tokenizer_dir.iterdir())
