@@ -139,7 +139,6 @@ def test_compare_shows_the_differing_parameter(flow_ws, first_run, beta_run):
 def test_a_failing_stage_fails_the_flow_names_it_and_keeps_earlier_outputs(flow_ws, first_run):
     from flows.alignment import alignment_flow
     from tasks.dvc_ops import StageFailed
-
     from tasks.params import ParamsError
 
     before = (flow_ws / "models" / "sft" / "model.safetensors").read_bytes()
