@@ -313,7 +313,8 @@ def _run_ours(spec: RunSpec, workload: Workload, tokenizer: PreTrainedTokenizerB
         entry = train_reward_model
     else:
         model = load_causal_lm(workload.model_dir)
-        cfg = _our_config(spec, workload, DPOConfig, beta=DPO_BETA, loss_type="sigmoid", reference="precomputed")
+        cfg = _our_config(spec, workload, DPOConfig, beta=DPO_BETA, loss_type="sigmoid", reference="precomputed",
+                          rpo_alpha=0.0)  # plain DPO, as TRL's default (our pipeline default adds the chosen NLL)
         entry = train_dpo
     start = time.perf_counter()
     entry(model, tokenizer, train, held_out, cfg, callbacks=[probe])

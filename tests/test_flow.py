@@ -66,7 +66,7 @@ def _parent(flow_ws: Path, run_id: str):
 
 def test_flow_runs_every_stage_and_summarises_on_the_parent_run(flow_ws, first_run):
     stages = [s["stage"] for s in first_run["stages"]]
-    assert stages == ["ingest", "prepare", "validate", "sft", "reward", "ppo", "dpo", "evaluate", "promote"]  # dvc.yaml order
+    assert stages == ["ingest", "prepare", "validate", "sft", "reward", "ppo", "dpo", "grpo", "evaluate", "promote"]  # dvc.yaml order
     assert all(s["ran"] for s in first_run["stages"])
     parent = _parent(flow_ws, first_run["parent_run_id"])
     assert parent.info.status == "FINISHED"
