@@ -40,6 +40,9 @@ REWARDS_MARGINS = "rewards/margins"
 LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
 
+BEST_STEP = "checkpoint/best_step"
+"""The step of the checkpoint a stage output when it keeps its best evaluation checkpoint (``best_metric``)."""
+
 # PPO (names of the N implementation details / TRL's former PPOTrainer).
 OBJECTIVE_KL = "objective/kl"
 OBJECTIVE_SCORES = "objective/scores"

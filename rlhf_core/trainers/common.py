@@ -92,6 +92,11 @@ class TrainConfig(BaseTrainConfig):
     """Longer prompts are cut keeping their end; ``None``: prompts are only bounded by ``max_length``."""
     lora: LoraSettings | None = None
     """Train LoRA adapters (peft) instead of all weights; merged into the saved model."""
+    best_metric: str | None = None
+    """Output the checkpoint that is best by this held-out metric (e.g. ``loss``, ``rewards/accuracies``: a name
+    under ``eval/``) instead of the last one (``None``); save_steps must then be a multiple of eval_steps."""
+    greater_is_better: bool | None = None
+    """Direction of ``best_metric``; ``None``: lower is better for a ``loss``, higher for anything else."""
     extra_args: dict[str, Any] = field(default_factory=dict)
     """Any other ``transformers.TrainingArguments`` field, passed through (e.g. ``torch_compile``)."""
 
@@ -100,6 +105,9 @@ class TrainConfig(BaseTrainConfig):
         for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.best_metric is not None and self.save_steps % self.eval_steps:
+            raise ValueError(f"best_metric needs save_steps ({self.save_steps}) to be a multiple of eval_steps "
+                             f"({self.eval_steps}): only evaluated checkpoints can be chosen")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
             raise ValueError(
                 f"max_prompt_length must be in (0, max_length={self.max_length}), got {self.max_prompt_length}"
@@ -140,6 +148,9 @@ def training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
         dataloader_pin_memory=torch.cuda.is_available(),
         **resolve_precision(cfg.precision),
     )
+    if cfg.best_metric is not None:  # transformers keeps the best checkpoint and loads it at the end
+        kwargs.update(load_best_model_at_end=True, metric_for_best_model=cfg.best_metric,
+                      greater_is_better=cfg.greater_is_better)
     kwargs.update(cfg.extra_args)
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -244,9 +255,15 @@ def run_training(trainer: Trainer, cfg: TrainConfig) -> dict[str, float]:
         print(f"[rlhf] resuming from {checkpoint}")
     with special_token_ids_kept(trainer.model):
         trainer.train(resume_from_checkpoint=checkpoint)
-    step = trainer.state.global_step
+    state = trainer.state
+    if cfg.best_metric is not None:  # the model is now the best checkpoint's: report its evaluation
+        chosen = state.best_global_step or state.global_step
+        done = [e for e in state.log_history if e.get("step") == chosen and "eval_loss" in e]
+        final = done[-1] if done else trainer.evaluate()
+        named = {k: v for k, v in M.from_trainer_logs(final).items() if k.startswith(M.EVAL + "/") and k != "eval/step"}
+        return {**named, M.BEST_STEP: float(chosen)}
     # The Trainer already evaluated at the last step when it falls on an eval step: reuse that.
-    done = [e for e in trainer.state.log_history if e.get("step") == step and "eval_loss" in e]
+    done = [e for e in state.log_history if e.get("step") == state.global_step and "eval_loss" in e]
     final = done[-1] if done else trainer.evaluate()
     return {k: v for k, v in M.from_trainer_logs(final).items() if k.startswith(M.EVAL + "/") and k != "eval/step"}
 
