@@ -85,9 +85,11 @@ def check_group(params: dict[str, Any], group: str) -> None:
     own = stage_keys().get(group, {})
     _check_stage_keys(group, {k: values[k] for k in own if k in values})
     values = {k: v for k, v in values.items() if k not in own}
-    for key in SETTINGS.get(group, ()):  # auto lengths are resolved from the data by the stage
-        if values.get(key) == AUTO:
-            del values[key]
+    lengths = SETTINGS.get(group, ())
+    if any(values.get(key) == AUTO for key in lengths):
+        # auto lengths are resolved from the data by the stage, which then checks them with the group's other
+        # lengths (e.g. max_prompt_length < max_length): here an auto one would stand in as its default.
+        values = {k: v for k, v in values.items() if k not in lengths}
     try:
         for name, cls in nested_configs().items():
             parent, _, child = name.partition(".")

@@ -57,6 +57,7 @@ def test_auto_lengths_are_left_to_the_stages_and_unknown_groups_named():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["sft"]["max_length"] = "auto"
     params["ppo"]["max_new_tokens"] = "auto"
+    params["dpo"].update(max_length="auto", max_prompt_length=256)  # > the default max_length: the stage checks it
     check_params(params)
     params["sft"]["max_steps"] = "auto"  # not a length setting
     with pytest.raises(ParamsError, match="sft.max_steps"):
