@@ -4,7 +4,7 @@
 URI, which DVC cannot see) and its output ``persist`` (DVC leaves the previous snapshot in
 place). Each run lists every source's files with a cheap identity (size + mtime, S3 ETag /
 VersionId, hub revision) and compares it with the identity recorded when that content was last
-fetched (``.rlhf/ingest-state.json``, see ``tasks.sources.state_dir``):
+fetched (``.rlhf/ingest-state.json``, see ``tasks.workspace.state_dir``):
 
 - unchanged, and the snapshot already holds it: nothing is read or written;
 - unchanged, but this checkout's snapshot is older (an isolated run from a git ref): the
@@ -38,9 +38,8 @@ from tasks.sources import (
     list_source,
     snapshot_path,
     source_tags,
-    state_dir,
 )
-from tasks.workspace import Workspace, file_md5, write_json
+from tasks.workspace import Workspace, file_md5, state_dir, write_json
 
 STAGE = "ingest"
 STATE_FILE = "ingest-state.json"

@@ -13,7 +13,6 @@ S3 is reached through boto3 with the standard configuration chain (credentials a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,15 +224,6 @@ def _fetch_hub(uri: str, dest: Path) -> None:
     from rlhf_core.data.loading import load_records
 
     load_records(uri[len("hub://"):]).to_parquet(str(dest))
-
-
-def state_dir(project_dir: Path) -> Path:
-    """Where ingest remembers source identities: ``$RLHF_STATE_DIR``, else ``<project>/.rlhf``.
-
-    Isolated flow runs point every worktree at the workspace's folder, so a source downloaded
-    by one run is known to the next.
-    """
-    return Path(os.environ.get("RLHF_STATE_DIR") or Path(project_dir) / ".rlhf")
 
 
 def configured_sources(params: dict[str, Any]) -> dict[str, str]:

@@ -65,6 +65,16 @@ class Workspace:
         return self.root / "params.yaml"
 
 
+def state_dir(project_dir: Path) -> Path:
+    """The pipeline's own state outside git and DVC (ingest's source identities, tracking
+    calls kept while the tracking server was down): ``$RLHF_STATE_DIR``, else ``<project>/.rlhf``.
+
+    Isolated flow runs point every worktree at the workspace's folder, so what one run
+    records there is known to the next.
+    """
+    return Path(os.environ.get("RLHF_STATE_DIR") or Path(project_dir) / ".rlhf")
+
+
 SPLITS = ("sft_train", "sft_test", "pref_train", "pref_test", "prompts")
 
 
