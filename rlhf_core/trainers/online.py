@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from rlhf_core.trainers.common import BaseTrainConfig, LogFn
+from rlhf_core.trainers.common import BaseTrainConfig, LogFn, resolve_precision
 
 SamplesFn = Callable[[list[dict[str, Any]], int], None]
 CHECKPOINTS = "checkpoints"
@@ -99,6 +99,35 @@ def resume_from_latest(accelerator: Accelerator) -> Path | None:
         return None
     accelerator.load_state()  # Accelerate picks the newest checkpoint_<n>
     return complete[-1]
+
+
+def prepare_prompts_and_accelerator(cfg: Any, tokenizer: Any, train_prompts: Any, eval_prompts: Any, *, batch_prompts: int,
+                                    batch_setting: str) -> tuple[Accelerator, Any, Any]:
+    """Tokenise the prompt records, seed, build the Accelerator (mixed precision, accumulation, checkpoint
+    naming) and shard the prompts over its processes; checks that each process has a batch of prompts."""
+    from accelerate.utils import set_seed
+
+    from rlhf_core.rollout import tokenize_prompt_records
+
+    kwargs = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
+    train_tok = tokenize_prompt_records(train_prompts, tokenizer, what="train_prompts", **kwargs)
+    eval_tok = tokenize_prompt_records(eval_prompts, tokenizer, what="eval_prompts", **kwargs)
+    set_seed(cfg.seed)
+    precision = resolve_precision(cfg.precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision="bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "no",
+        step_scheduler_with_optimizer=False,  # stepped once per update, not per optimizer step
+        project_config=project_configuration(cfg),
+    )
+    train_tok = train_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=False)
+    eval_tok = eval_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+    if len(train_tok) < batch_prompts:
+        raise ValueError(f"train_prompts: {len(train_tok)} prompts per process after tokenisation, fewer than "
+                         f"{batch_setting}={batch_prompts}")
+    if len(eval_tok) == 0:
+        raise ValueError("eval_prompts: no prompt left after tokenisation")
+    return accelerator, train_tok, eval_tok
 
 
 class OnlineLoop:

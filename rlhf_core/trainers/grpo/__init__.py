@@ -22,16 +22,13 @@ from typing import Any
 
 import datasets
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from rlhf_core.reward_sources import CombinedReward, RewardFn
-from rlhf_core.rollout import tokenize_prompt_records
-from rlhf_core.trainers.common import LogFn, resolve_precision
+from rlhf_core.trainers.common import LogFn
 from rlhf_core.trainers.grpo.config import GRPOConfig
 from rlhf_core.trainers.grpo.trainer import GRPOTrainer
-from rlhf_core.trainers.online import SamplesFn, project_configuration
+from rlhf_core.trainers.online import SamplesFn, prepare_prompts_and_accelerator
 from rlhf_core.trainers.ppo.models import disable_dropout
 
 __all__ = ["GRPOConfig", "GRPOResult", "GRPOTrainer", "train_grpo"]
@@ -83,25 +80,8 @@ def train_grpo(
     if reward_model is None and not reward_fns:
         raise ValueError("train_grpo needs reward functions, a reward model, or both")
     reward = CombinedReward(reward_fns, reward_weights, rm_weight=cfg.reward_model_weight if reward_model is not None else 0.0)
-    kwargs = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
-    train_tok = tokenize_prompt_records(train_prompts, tokenizer, what="train_prompts", **kwargs)
-    eval_tok = tokenize_prompt_records(eval_prompts, tokenizer, what="eval_prompts", **kwargs)
-
-    set_seed(cfg.seed)
-    precision = resolve_precision(cfg.precision)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision="bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "no",
-        step_scheduler_with_optimizer=False,  # stepped once per update
-        project_config=project_configuration(cfg),
-    )
-    train_tok = train_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=False)
-    eval_tok = eval_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
-    if len(train_tok) < cfg.prompts_per_update:
-        raise ValueError(f"train_prompts: {len(train_tok)} prompts per process after tokenisation, fewer than "
-                         f"prompts_per_update={cfg.prompts_per_update}")
-    if len(eval_tok) == 0:
-        raise ValueError("eval_prompts: no prompt left after tokenisation")
+    accelerator, train_tok, eval_tok = prepare_prompts_and_accelerator(
+        cfg, tokenizer, train_prompts, eval_prompts, batch_prompts=cfg.prompts_per_update, batch_setting="prompts_per_update")
 
     if ref_policy is None:
         ref_policy = copy.deepcopy(policy)

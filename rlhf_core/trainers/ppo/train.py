@@ -9,14 +9,11 @@ from typing import Any
 
 import datasets
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from rlhf_core.reward_sources import CombinedReward, RewardFn
-from rlhf_core.rollout import tokenize_prompt_records
-from rlhf_core.trainers.common import LogFn, resolve_precision
-from rlhf_core.trainers.online import project_configuration
+from rlhf_core.trainers.common import LogFn
+from rlhf_core.trainers.online import prepare_prompts_and_accelerator
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue, disable_dropout, value_model_from_policy
 from rlhf_core.trainers.ppo.rollout import RolloutCollector
@@ -90,25 +87,8 @@ def train_ppo(
     if ref_policy is policy or reward_model is policy:
         raise ValueError("train_ppo: ref_policy and reward_model must be separate models from the trained policy")
     reward = _build_reward(reward_model, reward_fn, cfg)
-    kwargs = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens)
-    train_tok = tokenize_prompt_records(train_prompts, tokenizer, what="train_prompts", **kwargs)
-    eval_tok = tokenize_prompt_records(eval_prompts, tokenizer, what="eval_prompts", **kwargs)
-
-    set_seed(cfg.seed)
-    precision = resolve_precision(cfg.precision)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision="bf16" if precision["bf16"] else "fp16" if precision["fp16"] else "no",
-        step_scheduler_with_optimizer=False,  # stepped once per update, not per optimizer step
-        project_config=project_configuration(cfg),
-    )
-    train_tok = train_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=False)
-    eval_tok = eval_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
-    if len(train_tok) < cfg.rollout_batch_size:
-        raise ValueError(f"train_prompts: {len(train_tok)} prompts per process after tokenisation, fewer than "
-                         f"rollout_batch_size={cfg.rollout_batch_size}")
-    if len(eval_tok) == 0:
-        raise ValueError("eval_prompts: no prompt left after tokenisation")
+    accelerator, train_tok, eval_tok = prepare_prompts_and_accelerator(
+        cfg, tokenizer, train_prompts, eval_prompts, batch_prompts=cfg.rollout_batch_size, batch_setting="rollout_batch_size")
 
     if ref_policy is None:
         ref_policy = copy.deepcopy(policy)
