@@ -5,6 +5,10 @@ What the pipeline is (stages, their order, params and outputs) is read through D
 the workspace (repro, push, pull, checkout) goes through DVC's CLI in a subprocess in the
 workspace: robust where the in-process API is not (it resolves stage names against the current
 directory), and one DVC call at a time per workspace (DVC holds a repo lock).
+
+``dvc repro`` runs in a process group of its own (``tasks.process_groups``): an interrupt of the
+caller stops it with SIGINT (the stage marks its MLflow run KILLED), and DVC's hints that ask the
+user to do what the pipeline does itself (``git add``, ``dvc push``) are left out of its output.
 """
 
 from __future__ import annotations
@@ -19,24 +23,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_core.errors import UserFacingError
+
 STAGE_STARTED_ENV = "RLHF_STAGE_STARTED_FILE"
 """Set by :func:`repro_stage` for the stage's command, which touches the file as it starts
 (:func:`mark_stage_started`): so a stage "ran" exactly when DVC executed its command, and not
 when DVC found it up to date or restored its outputs from the run-cache."""
 PROGRESS_BAR = re.compile(r"\d+%\|")
 PROGRESS_EVERY_S = 10.0
+CHATTER = re.compile(r"^(To track the changes with git, run:|git add |To enable auto staging, run:|"
+                     r"dvc config core\.autostage true|Use `dvc push` to send your updates to remote storage)")
+"""DVC's hints to do what the pipeline does itself (it pushes; the user commits dvc.lock when they choose)."""
 
 
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int, tail: list[str]) -> None:
+class StageFailed(UserFacingError):
+    """A stage's command failed; the message says why (the stage's own one-line reason when it gave one),
+    what is intact and how to restore what is not."""
+
+    def __init__(self, stage: str, returncode: int, tail: list[str], *, had_outputs: bool = False) -> None:
         self.stage = stage
         self.returncode = returncode
         self.tail = tail
-        last = "\n".join(f"    {line}" for line in tail[-15:])
-        super().__init__(
-            f"stage '{stage}' failed (exit {returncode}). Outputs of earlier stages and of earlier runs "
-            f"are intact; fix the cause and run again (finished stages are skipped).\n  last output:\n{last}"
-        )
+        prefix = f"[rlhf] stage '{stage}' failed: "
+        reason = next((line[len(prefix):] for line in reversed(tail) if line.startswith(prefix)), None)
+        if reason is None:  # a crash, not a reported failure: its last words (a traceback's are in the log above), else DVC's
+            words = [line.strip() for line in tail if line.strip() and not line.startswith("> ")]
+            own = [word for word in words if not word.startswith("ERROR: failed to reproduce")]
+            reason = (own or [word.removeprefix("ERROR: ") for word in words] or [f"exit {returncode}, no output"])[-1]
+        restore = (f" DVC removed {stage}'s previous outputs from the workspace before it ran: they are in the DVC cache, "
+                   f"`dvc checkout {stage}` restores them." if had_outputs else "")
+        super().__init__(f"stage '{stage}' failed: {reason}\nIntact: params.yaml, the outputs of the stages before it and the "
+                         f"DVC cache.{restore} Fix the cause and run again: finished stages are skipped. The stage's full "
+                         "output is in its log above and in the Prefect UI.")
+
+
+class PushFailed(UserFacingError):
+    """``dvc push`` failed; every output is still in the local DVC cache."""
 
 
 @dataclass
@@ -96,36 +118,61 @@ def dvc(root: Path, *args: str, env: dict[str, str] | None = None, check: bool =
     return proc
 
 
+def _lock_has(root: Path, stage: str) -> bool:
+    """Whether ``dvc.lock`` records outputs of ``stage`` (from an earlier run)."""
+    import yaml
+
+    lock = Path(root) / "dvc.lock"
+    return lock.is_file() and bool(((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get(stage, {}).get("outs"))
+
+
 def repro_stage(root: Path, stage: str, *, env: dict[str, str] | None = None, echo: Callable[[str], None] = print,
                 force: bool = False) -> StageOutcome:
     """``dvc repro -s <stage>``, streaming its output line by line through ``echo``.
 
-    Whether the stage ran is whether DVC executed its command (see :data:`STAGE_STARTED_ENV`).
+    Whether the stage ran is whether DVC executed its command (see :data:`STAGE_STARTED_ENV`). An
+    interrupt (Ctrl-C) or any other exception while it runs stops it (:func:`tasks.process_groups.stop_group`)
+    before propagating.
     """
+    from tasks.process_groups import forget, remember, stop_group
+    from tasks.workspace import state_dir
+
     started = time.perf_counter()
     cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    had_outputs = _lock_has(root, stage)
+    tail: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rlhf-stage-") as scratch:
         marker = Path(scratch) / "started"
         proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {}),
                                                     STAGE_STARTED_ENV: str(marker)},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        tail: list[str] = []
-        last_bar = 0.0
-        assert proc.stdout is not None
-        for raw in proc.stdout:  # text mode splits on \r too: each progress-bar redraw is a line
-            line = raw.rstrip("\n")
-            if not line.strip():
-                continue
-            tail = (tail + [line])[-40:]
-            if PROGRESS_BAR.search(line) and "100%" not in line:
-                if time.monotonic() - last_bar < PROGRESS_EVERY_S:
-                    continue  # a log line per redraw would drown the log: one every few seconds
-                last_bar = time.monotonic()
-            echo(line)
-        returncode = proc.wait()
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        record = remember(Path((env or {}).get("RLHF_STATE_DIR") or state_dir(root)), proc.pid, "dvc repro")
+        last_bar = [0.0]
+
+        def drain() -> None:
+            assert proc.stdout is not None
+            for raw in proc.stdout:  # text mode splits on \r too: each progress-bar redraw is a line
+                line = raw.rstrip("\n")
+                if not line.strip() or CHATTER.match(line.strip()):
+                    continue
+                tail[:] = (tail + [line])[-40:]
+                if PROGRESS_BAR.search(line) and "100%" not in line:
+                    if time.monotonic() - last_bar[0] < PROGRESS_EVERY_S:
+                        continue  # a log line per redraw would drown the log: one every few seconds
+                    last_bar[0] = time.monotonic()
+                echo(line)
+
+        try:
+            drain()
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C, a task timeout: the stage ends too (and says so in its output)
+            stop_group(proc.pid, child=proc, drain=drain)
+            raise
+        finally:
+            forget(record)
         ran = marker.exists()
     if returncode != 0:
-        raise StageFailed(stage, returncode, tail)
+        raise StageFailed(stage, returncode, tail, had_outputs=had_outputs)
     return StageOutcome(stage=stage, ran=ran, seconds=time.perf_counter() - started)
 
 
@@ -160,8 +207,17 @@ def share_cache_and_remote(workspace: Path, checkout: Path, *, share_cache: bool
 
 
 def push(root: Path, remote: str | None = None) -> str:
+    """``dvc push`` (to ``remote`` or the default one); :class:`PushFailed` names the remote and DVC's reason."""
     args = ["push"] + (["-r", remote] if remote else [])
-    return dvc(root, *args).stdout.strip()
+    proc = dvc(root, *args, check=False)
+    if proc.returncode == 0:
+        return proc.stdout.strip()
+    errors = [line.removeprefix("ERROR: ").removeprefix("unexpected error - ").strip()
+              for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("ERROR: ")]
+    name, url = (remote, dvc(root, "config", f"remote.{remote}.url", check=False).stdout.strip()) if remote else \
+        (remote_url(root) or ("(none)", "no default remote"))
+    raise PushFailed(f"pushing the outputs to the DVC remote '{name}' ({url}) failed: {errors[0] if errors else 'exit ' + str(proc.returncode)}. "
+                     "Every output is in the local DVC cache: `dvc push` sends them once the remote answers.")
 
 
 def status_clean(root: Path) -> bool:

@@ -87,3 +87,40 @@ def test_a_failing_stage_raises_with_its_output(repo):
     with pytest.raises(dvc_ops.StageFailed, match="broken step") as info:
         _repro(repo, "fetch")
     assert info.value.stage == "fetch" and info.value.returncode != 0
+    assert "dvc checkout" not in str(info.value)  # nothing to restore: the stage never ran before
+
+
+FAILING_TRAIN = '''\
+import sys
+from tasks.dvc_ops import mark_stage_started
+
+mark_stage_started()
+print("[rlhf] stage 'train' failed: lr too high for this model", file=sys.stderr)
+sys.exit(1)
+'''
+
+
+def test_dvc_hints_to_do_what_the_pipeline_does_are_left_out_and_a_failure_says_how_to_restore(tmp_path):
+    repo = tmp_path / "git-repo"
+    repo.mkdir()
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):  # with git, DVC adds "git add" hints to its output
+        subprocess.run(cmd, cwd=repo, check=True)
+    (repo / "step.py").write_text(STEP)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    _set_lr(repo, 0.1)
+    lines: list[str] = []
+    for stage in ("fetch", "make", "train"):
+        dvc_ops.repro_stage(repo, stage, env={"PYTHONPATH": str(ROOT)}, echo=lines.append)
+    assert any(line.startswith("Running stage 'train'") for line in lines)  # DVC's own account stays
+    assert not [line for line in lines if "git add" in line or "autostage" in line or "dvc push" in line]
+
+    (repo / "step.py").write_text(FAILING_TRAIN)
+    _set_lr(repo, 0.3)
+    with pytest.raises(dvc_ops.StageFailed) as info:
+        _repro(repo, "train")
+    message = str(info.value)
+    assert message.startswith("stage 'train' failed: lr too high for this model\n")  # the stage's own reason, once
+    assert "`dvc checkout train` restores them" in message
+    assert not (repo / "model.txt").exists()  # what the message says: DVC removed it before running the stage...
+    subprocess.run(["dvc", "checkout", "train"], cwd=repo, check=True, capture_output=True)
+    assert (repo / "model.txt").read_text() == "0.1 14\n"  # ...and `dvc checkout train` brings it back
