@@ -3,7 +3,9 @@
 Stage processes nest their runs under it through ``$RLHF_PARENT_RUN_ID``. At the end it gets
 every ``metrics/*.json`` value (also of stages DVC skipped), ``params.yaml``, ``dvc.lock``,
 the git commit and dirty flag, and the Prefect flow-run id (:func:`log_parent_summary`).
-Everything goes through a client bound to the project's store (``tasks.tracking.client``).
+Everything goes through a client bound to the project's store (``tasks.tracking.client``); the
+closing calls through a :class:`~tasks.tracking.outage.RunSink`, so a server that is down at the
+end keeps them (with copies of the files) for ``rlhf sync``.
 """
 
 from __future__ import annotations
@@ -14,27 +16,39 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.tracking.client import connect, log_batched, log_tags
+from tasks.tracking.client import connect
+from tasks.tracking.lifecycle import create_run
+from tasks.tracking.outage import RunSink, pending_dir, pending_journals
 from tasks.tracking.values import finite_number, flatten_params
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+    from tasks.tracking.outage import Journal
 
 RECORD_DIR = "pipeline"  # artifact folder of a parent run: params.yaml, dvc.lock, metrics/
 
 
 def open_parent_run(project_dir: Path, tracking: dict[str, Any] | None, *, run_name: str, tags: dict[str, str]) -> str:
     """Create the parent run (left RUNNING for the stage processes), log params.yaml flattened; return its id."""
-    from mlflow.entities import Param
-
     from tasks.params import load_params
 
     store = connect(project_dir, tracking)
-    run = store.client.create_run(store.experiment_id(), run_name=run_name, tags={"pipeline": "rlhf", **tags})
     # Every params.yaml value as a dotted param: what `rlhf compare` and the MLflow UI diff.
-    params = flatten_params(load_params(project_dir / "params.yaml"))
-    log_batched(store.client, run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-    return run.info.run_id
+    return create_run(store, run_name=run_name, tags={"pipeline": "rlhf", **tags},
+                      params=flatten_params(load_params(project_dir / "params.yaml")), doing="the pipeline did not start")
+
+
+def close_stale_runs_of(project_dir: Path, tracking: dict[str, Any] | None, workspace: Path) -> list[Run]:
+    """Before a run starts: stop what killed runs of ``workspace`` left running (``tasks.process_groups``), then
+    close the runs they left RUNNING (``tasks.tracking.lifecycle``), but those whose calls wait for ``rlhf sync``."""
+    from tasks.process_groups import stop_orphans
+    from tasks.tracking.lifecycle import close_stale_runs
+    from tasks.workspace import state_dir
+
+    stop_orphans(state_dir(workspace))
+    waiting = {journal.meta["run_id"] for journal in pending_journals(workspace)}
+    return close_stale_runs(connect(project_dir, tracking), skip=waiting)
 
 
 def run_tags(project_dir: Path, stages: list[dict[str, Any]] | None) -> dict[str, str]:
@@ -52,18 +66,25 @@ def run_tags(project_dir: Path, stages: list[dict[str, Any]] | None) -> dict[str
 
 
 def close_parent_run(project_dir: Path, tracking: dict[str, Any] | None, run_id: str, *, status: str,
-                     summary_tags: dict[str, str] | None = None, stages: list[dict[str, Any]] | None = None) -> str:
-    """Log the summary (metrics, params.yaml, dvc.lock, tags) and end the run; returns the tracking URI."""
+                     summary_tags: dict[str, str] | None = None, stages: list[dict[str, Any]] | None = None,
+                     journal_dir: Path | None = None) -> tuple[str, Journal | None]:
+    """Log the summary (metrics, params.yaml, dvc.lock, tags) and end the run.
+
+    Returns the tracking URI and, when the server was down, the journal that keeps the calls
+    (in ``journal_dir``, default the project's ``<state>/tracking_pending``) for ``rlhf sync``.
+    """
     store = connect(project_dir, tracking)
+    sink = RunSink(store.client, run_id, journal_dir=journal_dir or pending_dir(project_dir), name="pipeline", uri=store.uri,
+                   parent_run_id=run_id)
     if status == "FINISHED":
         log_parent_summary(
-            store.client, run_id, metrics_dir=project_dir / "metrics", params_file=project_dir / "params.yaml",
+            sink, metrics_dir=project_dir / "metrics", params_file=project_dir / "params.yaml",
             lock_file=project_dir / "dvc.lock", extra_tags={**run_tags(project_dir, stages), **(summary_tags or {})},
         )
     elif summary_tags:
-        log_tags(store.client, run_id, summary_tags)
-    store.client.set_terminated(run_id, status=status)
-    return store.uri
+        sink.send("log_batch", tags=[[k, str(v)] for k, v in summary_tags.items()])
+    sink.send("set_terminated", status=status)
+    return store.uri, sink.journal
 
 
 def _flatten_metrics(tree: Mapping[str, Any], prefix: str) -> dict[str, float]:
@@ -92,27 +113,24 @@ def metrics_dir_values(metrics_dir: Path) -> dict[str, float]:
 
 
 def log_parent_summary(
-    client: MlflowClient, run_id: str, *, metrics_dir: Path, params_file: Path, lock_file: Path,
-    extra_tags: Mapping[str, Any],
+    sink: RunSink, *, metrics_dir: Path, params_file: Path, lock_file: Path, extra_tags: Mapping[str, Any],
 ) -> dict[str, float]:
-    """Summarise a pipeline run on its parent run.
+    """Summarise a pipeline run on its parent run (``sink``'s run).
 
     Logs every finite number in ``metrics_dir/*.json`` as ``<stage>/<key>`` (nested keys joined
     by ``/``; also for stages DVC skipped), ``params_file`` and ``lock_file`` as artifacts
     (when they exist) and ``extra_tags``. Returns the metrics it logged.
     """
-    from mlflow.entities import Metric
-
     metrics = metrics_dir_values(Path(metrics_dir))
     timestamp = int(time.time() * 1000)
-    log_batched(client, run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()])
-    log_tags(client, run_id, extra_tags)
+    sink.send("log_batch", metrics=[[k, v, timestamp, 0] for k, v in metrics.items()],
+              tags=[[k, str(v)] for k, v in extra_tags.items()])
     # The run's record, what `rlhf reproduce` rebuilds from: pipeline/{params.yaml,dvc.lock,metrics/*.json}.
     for path in (Path(params_file), Path(lock_file)):
         if path.is_file():
-            client.log_artifact(run_id, str(path), RECORD_DIR)
+            sink.send("log_artifact", path=str(path), artifact_path=RECORD_DIR)
     for path in sorted(Path(metrics_dir).glob("*.json")):
-        client.log_artifact(run_id, str(path), f"{RECORD_DIR}/metrics")
+        sink.send("log_artifact", path=str(path), artifact_path=f"{RECORD_DIR}/metrics")
     return metrics
 
 

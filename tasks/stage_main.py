@@ -3,7 +3,10 @@
 Loads ``params.yaml``, opens the stage's MLflow run (nested under the pipeline's parent run
 when ``$RLHF_PARENT_RUN_ID`` is set), runs the stage's pure ``run(params, ws, tracker)``,
 logs its final metrics and the hashes of its outputs, and turns a user error (bad params,
-bad data, failed validation) into a readable message and exit code 1 instead of a traceback.
+bad data, failed validation, a tracking server that does not answer as it starts) into a
+readable message and exit code 1 instead of a traceback, and Ctrl-C into exit code 130 (its
+run marked KILLED). A tracking server that stops answering later does not fail the stage:
+it finishes, and what it could not log waits for ``rlhf sync`` (``tasks.tracking.outage``).
 """
 
 from __future__ import annotations
@@ -68,4 +71,10 @@ def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
     except (ParamsError, DataFormatError, DataLoadError, UserFacingError, StageError) as err:
         print(f"\n[rlhf] stage '{stage}' failed: {err}", file=sys.stderr)
         sys.exit(1)
-    print(f"[rlhf] stage '{stage}' done in {time.perf_counter() - started:.1f}s")
+    except KeyboardInterrupt:
+        print(f"\n[rlhf] stage '{stage}' interrupted", file=sys.stderr)
+        sys.exit(130)
+    # A tracking server that died during the stage does not fail it: the outputs are good (DVC records them).
+    journal = tracker.sink.journal
+    print(f"[rlhf] stage '{stage}' done in {time.perf_counter() - started:.1f}s"
+          + (f"; tracking incomplete, kept in {journal.path} for `rlhf sync`" if journal else ""))

@@ -17,6 +17,7 @@ from tasks.registry import register_model
 from tasks.tracking.client import PARENT_RUN_ENV, connect, resolve_tracking_uri
 from tasks.tracking.dvc_hash import dvc_md5
 from tasks.tracking.gitinfo import git_info
+from tasks.tracking.outage import RunSink
 from tasks.tracking.stage_run import stage_run
 from tasks.tracking.values import PARAM_VALUE_LIMIT, flatten_params, params_hash
 
@@ -247,7 +248,7 @@ def test_log_parent_summary(client, tmp_path):
     (tmp_path / "params.yaml").write_text("sft:\n  learning_rate: 0.0001\n")
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
 
-    logged = log_parent_summary(client, parent, metrics_dir=metrics_dir, params_file=tmp_path / "params.yaml",
+    logged = log_parent_summary(RunSink(client, parent), metrics_dir=metrics_dir, params_file=tmp_path / "params.yaml",
                                 lock_file=tmp_path / "dvc.lock", extra_tags={"prefect.flow_run_id": "abc-123"})
 
     expected = {"sft/loss": 1.5, "sft/eval/accuracy": 0.75, "dpo/reward_margin": 0.3}
@@ -369,3 +370,59 @@ def test_register_model_uses_the_clients_store_not_the_global_one(tmp_path, monk
     assert str(version.version) == "1" and not (tmp_path / "mlflow.db").exists()
     with downloaded_model(client, "policy", str(version.version)) as (model_dir, tokenizer_dir):
         assert (model_dir / "config.json").exists() and any(tokenizer_dir.iterdir())
+
+
+def test_calls_a_dead_server_missed_are_kept_with_their_files_and_sync_sends_them(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking.outage import pending_dir, pending_journals, sync_pending
+    from tests.servers import free_port
+
+    monkeypatch.delenv("RLHF_STATE_DIR", raising=False)
+    store = connect(tmp_path, {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **EXPERIMENT})
+    run_id = store.client.create_run(store.experiment_id(), run_name="sft").info.run_id
+    dead = MlflowClient(f"http://127.0.0.1:{free_port()}")  # nothing listens: refused, after the bounded retries
+    sink = RunSink(dead, run_id, journal_dir=pending_dir(tmp_path), name="sft", uri=store.uri, parent_run_id="p1")
+    report = tmp_path / "report.txt"
+    report.write_text("as logged\n")
+    sink.send("log_batch", metrics=[["train/loss", 2.0, 1, 0], ["train/loss", 1.0, 2, 1]], params=[["lr", "0.1"]])
+    sink.send("log_artifact", path=str(report), artifact_path="reports")
+    report.write_text("changed later\n")  # the journal kept its own copy
+    sink.send("set_terminated", status="FINISHED")
+    assert sink.journal is not None and [j.path for j in pending_journals(tmp_path, parent_run_id="p1")] == [sink.journal.path]
+    assert store.client.get_run(run_id).info.status == "RUNNING"
+
+    ((meta, sent),) = sync_pending(tmp_path, lambda uri: store.client if uri == store.uri else None)
+    assert (meta["name"], meta["reason"], sent) == ("sft", "Connection refused", 3)
+    run = store.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
+    assert [m.value for m in store.client.get_metric_history(run_id, "train/loss")] == [2.0, 1.0]
+    assert Path(store.client.download_artifacts(run_id, "reports/report.txt", str(tmp_path / "dl"))).read_text() == "as logged\n"
+    assert pending_journals(tmp_path) == []
+    # Only an outage is kept: any other error is the caller's
+    with pytest.raises(MlflowException):
+        RunSink(store.client, "no-such-run", journal_dir=pending_dir(tmp_path)).send("set_terminated", status="FINISHED")
+
+
+def test_runs_whose_process_has_ended_are_closed_as_killed_but_live_and_waiting_ones_are_not(tmp_path):
+    import socket
+    import sys
+
+    from tasks.tracking.lifecycle import close_stale_runs, create_run
+
+    store = connect(tmp_path, {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", **EXPERIMENT})
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    ours = create_run(store, run_name="live", tags={}, params={}, doing="-")  # owned by this (live) process
+    assert store.client.get_run(ours).data.tags["rlhf.pid"] == str(os.getpid())
+
+    def orphan(name: str) -> str:
+        return store.client.create_run(store.experiment_id(), run_name=name, tags={
+            "rlhf.host": socket.gethostname(), "rlhf.pid": ended.stdout.strip()}).info.run_id
+
+    stale, waiting = orphan("stale"), orphan("waiting for sync")
+    closed = close_stale_runs(store, skip={waiting})
+    assert [r.info.run_id for r in closed] == [stale]
+    assert store.client.get_run(stale).info.status == "KILLED"
+    assert "had ended without closing it" in store.client.get_run(stale).data.tags["rlhf.closed_by"]
+    assert {store.client.get_run(r).info.status for r in (ours, waiting)} == {"RUNNING"}

@@ -57,6 +57,23 @@ class TrackingConfig:
     experiment: str = "rlhf-pipeline"
     registered_model: str = "rlhf-policy"
     """The Model Registry name the trained policy is registered under (``@champion``, ``@challenger``)."""
+    timeout_s: int = 10
+    """Seconds one request to an ``http(s)`` tracking server may take (``$MLFLOW_HTTP_REQUEST_TIMEOUT``)."""
+    max_retries: int = 2
+    """Retries of a failed request, 0 s then 2 s apart (``$MLFLOW_HTTP_REQUEST_MAX_RETRIES``). A server that
+    refuses connections counts as down after ~3 s, one that accepts and never answers after
+    ``(1 + max_retries) * timeout_s`` + 3 s (33 s by default), instead of MLflow's ~4 min."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if not 0 <= self.max_retries <= 10:  # MLflow refuses more than 10
+            raise ValueError(f"max_retries must be in [0, 10], got {self.max_retries}")
+
+    def http_limits(self) -> dict[str, str]:
+        """MLflow's request settings for these bounds (it reads them from the environment on every request)."""
+        return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.timeout_s), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.max_retries),
+                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,8 @@ def connect(project_dir: Path, tracking: Mapping[str, Any] | None = None) -> Tra
     a key set to null takes its default).
 
     The registry is the client's default for that URI (the tracking store itself, unless
-    ``$MLFLOW_REGISTRY_URI`` names another).
+    ``$MLFLOW_REGISTRY_URI`` names another). Every request of this process is bounded by
+    ``timeout_s`` and ``max_retries`` from then on (MLflow's ``$MLFLOW_HTTP_REQUEST_*``, set here).
     """
     from mlflow import MlflowClient
 
@@ -108,6 +126,7 @@ def connect(project_dir: Path, tracking: Mapping[str, Any] | None = None) -> Tra
 
     config = config_from_dict(TrackingConfig, {k: v for k, v in (tracking or {}).items() if v is not None}, section="tracking")
     uri = resolve_tracking_uri(config.uri, Path(project_dir))
+    os.environ.update(config.http_limits())  # params.yaml's bounds; stage processes apply their own on connect
     return Tracking(MlflowClient(tracking_uri=uri), uri, config)
 
 

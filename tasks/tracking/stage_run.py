@@ -14,9 +14,11 @@ What a stage run records:
   of the ``rlhf_core`` trainers), buffered and sent with ``log_batch``: one request per
   200 values, not one per step (1000 single calls over HTTP take ~14 s, one batch ~0.2 s);
 - final metrics, artifacts, tables, dataset inputs with MLflow's content digests, and the
-  DVC hash of each output as tags ``dvc.hash.<relpath>``.
+  DVC hash of each output as tags ``dvc.hash.<relpath>``;
+- the host and pid of the stage process (``rlhf.host``, ``rlhf.pid``: :mod:`tasks.tracking.lifecycle`).
 
-Everything goes through the run's ``MlflowClient`` (:mod:`tasks.tracking.client`).
+Everything goes through the run's :class:`~tasks.tracking.outage.RunSink`: if the tracking server
+stops answering, the stage goes on and what it could not log is kept for ``rlhf sync``.
 ``mlflow`` is imported inside the functions: importing this module costs nothing.
 """
 
@@ -31,14 +33,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.tracking.client import PARENT_RUN_ENV, connect, log_batched, log_tags
+from tasks.tracking.client import PARENT_RUN_ENV, connect
 from tasks.tracking.dvc_hash import dvc_md5
 from tasks.tracking.gitinfo import git_tags
+from tasks.tracking.lifecycle import create_run
+from tasks.tracking.outage import RunSink, pending_dir
 from tasks.tracking.values import finite_number, flatten_params
 
 if TYPE_CHECKING:
     import pandas as pd
-    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +56,13 @@ def _relpath(path: Path, project_dir: Path) -> str:
 class StageTracker:
     """Logging handle of one stage run (yielded by :func:`stage_run`).
 
-    Curves go through :meth:`log_fn`, which buffers; everything else is sent at once.
+    Curves go through :meth:`log_fn`, which buffers; everything else is sent at once (through ``sink``).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, stage: str, *, flush_every: int = FLUSH_EVERY) -> None:
-        self.client = client
-        self.run_id = run_id
+    def __init__(self, sink: RunSink, stage: str, *, flush_every: int = FLUSH_EVERY) -> None:
+        self.sink = sink
+        self.client = sink.client
+        self.run_id = sink.run_id
         self.stage = stage
         self.flush_every = flush_every
         self._buffer: list[Any] = []  # mlflow.entities.Metric
@@ -85,7 +89,8 @@ class StageTracker:
     def flush(self) -> None:
         """Send the buffered metric values in as few requests as MLflow allows."""
         pending, self._buffer = self._buffer, []
-        log_batched(self.client, self.run_id, metrics=pending)
+        if pending:
+            self.sink.send("log_batch", metrics=[[m.key, m.value, m.timestamp, m.step] for m in pending])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Final (or one-off) metrics, sent now together with anything buffered."""
@@ -93,40 +98,36 @@ class StageTracker:
         self.flush()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        log_tags(self.client, self.run_id, tags)
+        self.sink.send("log_batch", tags=[[k, str(v)] for k, v in tags.items()])
 
     # files
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.sink.send("log_artifact", path=str(path), artifact_path=artifact_path)
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+        self.sink.send("log_artifacts", path=str(directory), artifact_path=artifact_path)
 
     def log_dict(self, obj: Any, name: str) -> None:
         """``obj`` as a JSON (``.json``) or YAML (``.yaml``/``.yml``) artifact called ``name``."""
-        self.client.log_dict(self.run_id, obj, name)
+        self.sink.send("log_dict", obj=obj, name=name)
 
     def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
         """Rows (e.g. decoded samples with rewards) as an MLflow table artifact ``name`` (``*.json``)."""
-        import pandas as pd
-
-        self.client.log_table(self.run_id, pd.DataFrame(rows), name)
+        self.sink.send("log_table", rows=rows, name=name)
 
     def log_dataset(self, df: pd.DataFrame, name: str, context: str, source: str) -> None:
         """Record ``df`` as an input of this run (MLflow computes its content digest)."""
         import mlflow.data
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         with warnings.catch_warnings():  # MLflow registers the local source twice and warns about it
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")  # a model-serving hint
             dataset = mlflow.data.from_pandas(df, source=source, name=name)
-        entity = dataset.to_dict()  # what mlflow.log_input sends, through this run's client
-        self.client.log_inputs(self.run_id, [DatasetInput(
-            Dataset(name=entity["name"], digest=entity["digest"], source_type=entity["source_type"], source=entity["source"],
-                    schema=entity.get("schema"), profile=entity.get("profile")),
-            tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)],
-        )])
+        entity = dataset.to_dict()  # what mlflow.log_input sends, through this run's sink
+        self.sink.send("log_inputs", datasets=[{
+            "name": entity["name"], "digest": entity["digest"], "source_type": entity["source_type"],
+            "source": entity["source"], "schema": entity.get("schema"), "profile": entity.get("profile"), "context": context,
+        }])
 
     def log_output_hashes(self, paths: list[Path], project_dir: Path) -> dict[str, str]:
         """Tag the run with the DVC md5 of each output: ``dvc.hash.<relpath>`` (see :func:`dvc_md5`).
@@ -143,7 +144,7 @@ class StageTracker:
                 logger.warning("%s: output %s does not exist; no hash logged", self.stage, path)
                 continue
             tags[f"dvc.hash.{_relpath(path, project_dir)}"] = dvc_md5(Path(path), project_dir)
-        log_tags(self.client, self.run_id, tags)
+        self.set_tags(tags)
         return tags
 
 
@@ -156,8 +157,10 @@ def stage_run(
     ``tracking`` is params.yaml's ``tracking`` group (``uri``, ``experiment``). The run is a
     child of ``$RLHF_PARENT_RUN_ID`` when that is set. Buffered metrics are sent at exit, also
     when the block raises; then the run ends FAILED (KILLED on Ctrl-C) and the error propagates.
+    A server that does not answer as the run opens stops the stage before it starts
+    (:class:`~tasks.tracking.outage.TrackingUnavailable`); one that stops answering later does not
+    stop it (:class:`~tasks.tracking.outage.RunSink`; ``tracker.sink.journal`` then says where the rest went).
     """
-    from mlflow.entities import Param
     from mlflow.tracking.context.registry import resolve_tags
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -168,17 +171,19 @@ def stage_run(
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
     # resolve_tags adds what mlflow.start_run would (user, source name and type).
-    run = store.client.create_run(store.experiment_id(), run_name=stage, tags=resolve_tags(tags))
-    tracker = StageTracker(store.client, run.info.run_id, stage)
+    run_id = create_run(store, run_name=stage, tags=resolve_tags(tags), params=flatten_params(params),
+                        doing=f"stage '{stage}' did not start")
+    sink = RunSink(store.client, run_id, journal_dir=pending_dir(project_dir), name=stage, uri=store.uri, parent_run_id=parent,
+                   announce=lambda message: print(message, flush=True))
+    tracker = StageTracker(sink, stage)
     try:
-        log_batched(store.client, tracker.run_id, params=[Param(k, v) for k, v in flatten_params(params).items()])
         yield tracker
         tracker.flush()
     except BaseException as err:
         try:  # keep the curve up to the crash; never hide the original error
             tracker.flush()
-        except Exception as flush_err:
-            logger.warning("%s: could not send buffered metrics: %s", stage, flush_err)
-        store.client.set_terminated(tracker.run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            sink.send("set_terminated", status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        except Exception as close_err:
+            logger.warning("%s: could not close the run: %s", stage, close_err)
         raise
-    store.client.set_terminated(tracker.run_id, status="FINISHED")
+    sink.send("set_terminated", status="FINISHED")
