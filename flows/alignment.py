@@ -13,8 +13,15 @@ Each stage runs as ``dvc repro -s <stage>``, so unchanged stages are skipped by 
 ``dvc.lock`` always describes what ran. ``ingest`` snapshots the data sources first (new data
 re-runs what it touches) and ``promote`` moves ``@champion`` only when the new policy wins. The
 flow owns the parent MLflow run, pushes the outputs to the DVC remote, and logs the summary on
-the parent run. Retries go on I/O tasks only (push, summary); training stages resume from their
-own checkpoints when re-run.
+the parent run. Retries go on the push only (MLflow calls retry by themselves, bounded by
+``tracking.timeout_s``/``max_retries``); training stages resume from their own checkpoints when re-run.
+
+When things go wrong, the run ends with one :class:`~rlhf_core.errors.UserFacingError` and honest
+records: a failed stage or an interrupt ends the parent run FAILED or KILLED (an interrupt stops
+the stage's process group first); a tracking server that stops answering ends the run after the
+stage it happened in (that stage keeps its outputs; ``rlhf sync`` sends what was not logged); a
+failed push leaves the parent run FINISHED with its summary, tagged ``dvc.push=failed``. Before
+it starts, a run closes the runs that a killed run left RUNNING (``tasks.tracking.lifecycle``).
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from prefect.runtime import flow_run
 from tasks import dvc_ops
 from tasks.isolation import isolated_checkout
 from tasks.params import apply_overrides, load_params
-from tasks.parent_run import close_parent_run, open_parent_run
+from tasks.parent_run import close_parent_run, close_stale_runs_of, open_parent_run
 from tasks.tracking.client import PARENT_RUN_ENV, resolve_tracking_uri
 from tasks.tracking.gitinfo import git_info
+from tasks.tracking.outage import TrackingUnavailable, pending_dir, pending_journals
 
 STAGE_TIMEOUT_S = 6 * 3600
 
@@ -61,15 +69,60 @@ def stage_task(root: str, stage: str, parent_run_id: str, env: dict[str, str] | 
     return {"stage": stage, "ran": outcome.ran, "seconds": round(outcome.seconds, 1)}
 
 
-@task(name="dvc-push", retries=3, retry_delay_seconds=10)
+@task(name="dvc-push", retries=1, retry_delay_seconds=5)
 def push_task(root: str, remote: str | None) -> str:
     return dvc_ops.push(Path(root), remote)
 
 
-@task(name="mlflow-summary", retries=3, retry_delay_seconds=5)
+@task(name="mlflow-summary")
 def summary_task(root: str, tracking: dict[str, Any] | None, parent_run_id: str, status: str, tags: dict[str, str],
-                 stages: list[dict[str, Any]] | None = None) -> str:
-    return close_parent_run(Path(root), tracking, parent_run_id, status=status, summary_tags=tags, stages=stages)
+                 stages: list[dict[str, Any]] | None = None, journal_dir: str | None = None) -> str:
+    uri, _ = close_parent_run(Path(root), tracking, parent_run_id, status=status, summary_tags=tags, stages=stages,
+                              journal_dir=Path(journal_dir) if journal_dir else None)
+    return uri
+
+
+@task(name="close-stale-runs")
+def close_stale_task(root: str, tracking: dict[str, Any] | None, workspace: str) -> list[str]:
+    """Runs a killed run left RUNNING: KILLED in MLflow, their Prefect flow runs crashed; returns their ids."""
+    closed = close_stale_runs_of(Path(root), tracking, Path(workspace))
+    for run in closed:
+        mark_flow_run_crashed(run.data.tags.get("prefect.flow_run_id", ""), f"its process ({run.data.tags.get('rlhf.pid')}) "
+                              "was killed; closed by a later run")
+    if closed:
+        get_run_logger().warning("closed %d run(s) left RUNNING by a killed run: %s", len(closed),
+                                 ", ".join(r.info.run_id for r in closed))
+    return [r.info.run_id for r in closed]
+
+
+def mark_flow_run_crashed(flow_run_id: str, message: str) -> None:
+    """Set a Prefect flow run still PENDING/RUNNING to Crashed (one of another server is left alone)."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    if not flow_run_id:
+        return
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(UUID(flow_run_id))
+        except ObjectNotFound:
+            return
+        if run.state is not None and not run.state.is_final():
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+
+
+def tracking_stopped(journals: list, stage: str | None) -> TrackingUnavailable:
+    """The one message of a run whose tracking server stopped answering (``stage``: the stage it happened in)."""
+    meta = journals[0].meta
+    where = (f"during stage '{stage}': '{stage}' finished, its outputs are kept and dvc.lock records them; the stages after "
+             "it did not run" if stage else "as the run ended: every stage finished")
+    return TrackingUnavailable(
+        f"the MLflow tracking server {meta['uri']} stopped answering ({meta['reason']}) {where}. What could not be logged "
+        f"waits in {journals[0].path.parent}: once the server is back, `rlhf sync` sends it (the runs then end as they "
+        "would have), and `rlhf run` goes on from where this run stopped.")
 
 
 @flow(name="rlhf-alignment", log_prints=True)
@@ -103,18 +156,41 @@ def alignment_flow(
         flow_run_id = str(flow_run.get_id() or "")
         tags = {"prefect.flow_run_id": flow_run_id, "git.commit": str(git.get("commit")), "git.dirty": str(git.get("dirty")),
                 "run.mode": f"isolated from {ref}" if ref else "workspace"}
+        journals = pending_dir(workspace_root)  # the workspace's, also for an isolated checkout (its stages' $RLHF_STATE_DIR)
+        close_stale_task(root, tracking, str(workspace_root))
         parent = open_parent_run(Path(root), tracking, run_name=f"pipeline-{name}", tags=tags)
         order = [s for s in dvc_ops.stage_order(Path(root)) if not stages or s in stages]
         outcomes: list[dict[str, Any]] = []
         try:
             for stage in order:
                 outcomes.append(stage_task(root, stage, parent, env))
-        except BaseException:
-            summary_task(root, tracking, parent, "FAILED", {"prefect.flow_run_id": flow_run_id}, outcomes)
+                if kept := pending_journals(workspace_root, parent_run_id=parent):
+                    raise tracking_stopped(kept, stage)
+        except BaseException as err:  # close the parent directly: no Prefect task after an interrupt
+            try:
+                _, kept = close_parent_run(Path(root), tracking, parent, stages=outcomes, journal_dir=journals,
+                                           status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+                                           summary_tags={"prefect.flow_run_id": flow_run_id})
+                if kept is not None and not isinstance(err, TrackingUnavailable):
+                    get_run_logger().warning("the MLflow tracking server does not answer either: the parent run's end waits in "
+                                             "%s for `rlhf sync`", kept.path)
+            except Exception as close_err:  # never hide why the run stopped
+                get_run_logger().warning("could not close the parent run %s: %s", parent, close_err)
             raise
-        pushed = push_task(root, remote) if push else "skipped"
-        uri = summary_task(root, tracking, parent, "FINISHED", {"prefect.flow_run_id": flow_run_id, "overrides": str(changed)},
-                           outcomes)
+        try:
+            pushed = push_task(root, remote) if push else "skipped"
+        except dvc_ops.PushFailed as err:  # the run is complete: record it, then fail on the push alone
+            pushed, push_failed = "failed", err
+        else:
+            push_failed = None
+        uri = summary_task(root, tracking, parent, "FINISHED", {"prefect.flow_run_id": flow_run_id, "overrides": str(changed),
+                                                                "dvc.push": "failed" if push_failed else "done" if push else "skipped"},
+                           outcomes, str(journals))
+        if kept := pending_journals(workspace_root, parent_run_id=parent):
+            raise tracking_stopped(kept, None)
+        if push_failed is not None:
+            raise dvc_ops.PushFailed(f"{push_failed} The pipeline run itself is complete: MLflow parent run {parent} is "
+                                     "FINISHED with its summary (tagged dvc.push=failed).")
         metrics = read_metrics(Path(root))  # an isolated checkout is gone after the block
     return {"metrics": metrics, "parent_run_id": parent, "tracking_uri": uri, "stages": outcomes, "push": pushed, "workspace": root,
             "isolated": bool(ref), "overrides": changed}

@@ -31,33 +31,67 @@ def run(
     """Run the whole pipeline as a Prefect flow (embedded defaults: no servers needed).
 
     Without --ref this is DVC's workspace model: --set values are written into params.yaml (as
-    `dvc exp run -S`), so dvc.lock records what ran and they stay for the next run.
+    `dvc exp run -S`), so dvc.lock records what ran and they stay for the next run. A failure or
+    Ctrl-C ends it with one message saying what is intact and what to do (README: "When things go wrong").
     """
     from flows import env_defaults
 
     root = workspace.resolve()
     env_defaults.apply(root)
     from flows.alignment import alignment_flow
+    from flows.console import INTERRUPTED, REPORTED, fail, quiet_reported_failures
+    from flows.prefect_server import temporary_server
     from flows.report import print_run_summary
-    from tasks.dvc_ops import StageFailed
     from tasks.params import ParamsError
     from tasks.preflight import preflight
+    from tasks.process_groups import stop_orphans
+    from tasks.workspace import state_dir
 
     try:
         preflight(root, list(set_))
     except ParamsError as err:
-        typer.secho(f"[rlhf] {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        raise fail(str(err), 2) from None
+    quiet_reported_failures()
     try:
-        result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote, stages=list(stage) or None,
-                                ref=ref)
-    except StageFailed as err:
-        typer.secho(f"\n[rlhf] {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+        stop_orphans(state_dir(root), echo=typer.echo)  # what a killed run left behind
+        with temporary_server(state_dir(root), echo=typer.echo):
+            result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote,
+                                    stages=list(stage) or None, ref=ref)
+    except REPORTED as err:
+        if isinstance(err, KeyboardInterrupt):
+            raise fail(INTERRUPTED, 130) from None
+        kept = f"\n(params.yaml keeps this run's overrides {list(set_)}: `git checkout params.yaml` undoes them)" if set_ and not ref else ""
+        raise fail(f"{err}{kept}", 1) from None
     print_run_summary(result)
     if set_ and not ref:
         typer.echo(f"overrides written to {root / 'params.yaml'} (DVC's workspace model, as `dvc exp run -S`): they stay for "
                    "the next run; `git checkout params.yaml` undoes them, `--ref HEAD` runs isolated instead")
+
+
+@app.command()
+def sync(workspace: Path = WORKSPACE) -> None:
+    """Send to MLflow what runs could not log while the tracking server was down (kept under .rlhf/tracking_pending)."""
+    from flows import env_defaults
+    from flows.console import fail
+    from tasks.tracking.client import connect
+    from tasks.tracking.outage import TrackingUnavailable, pending_dir, sync_pending
+
+    root = workspace.resolve()
+    env_defaults.apply(root)
+    store = connect(root, _tracking(root))  # also bounds every request by tracking.timeout_s / max_retries
+
+    def client_for(uri: str):
+        from mlflow import MlflowClient
+
+        return store.client if uri == store.uri else MlflowClient(tracking_uri=uri)
+
+    try:
+        done = sync_pending(root, client_for)
+    except TrackingUnavailable as err:
+        raise fail(str(err), 1) from None
+    for meta, sent in done:
+        typer.echo(f"{meta['name']}: run {meta['run_id']} at {meta['uri']}: {sent} call(s) sent")
+    typer.echo(f"nothing waits in {pending_dir(root)}" if not done else "every run is complete in MLflow now")
 
 
 @app.command("stage")

@@ -15,6 +15,9 @@ QUIET_OFFLINE = {
     "TOKENIZERS_PARALLELISM": "false",
     # The temporary Prefect server can take longer than Prefect's 20 s default on 2 busy cores.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # S3 (a DVC remote, an s3:// source): 3 attempts per request instead of botocore's 5, so a dead
+    # endpoint fails a push in seconds. Timeouts per remote: `dvc remote modify NAME connect_timeout 10`.
+    "AWS_MAX_ATTEMPTS": "3",
 }
 
 
@@ -26,6 +29,6 @@ def apply(project_dir: Path) -> None:
     bin_dir = str(Path(sys.executable).parent)
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    if "PREFECT_API_URL" not in os.environ:
+    if not os.environ.get("PREFECT_API_URL"):
         # Embedded default: a temporary Prefect server whose SQLite database lives in the project.
         os.environ.setdefault("PREFECT_HOME", str(project_dir / ".prefect"))

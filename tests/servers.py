@@ -5,6 +5,7 @@ Session-scoped pytest fixtures (register with ``pytest_plugins = ["tests.servers
 - ``mlflow_server`` -> ``"http://127.0.0.1:PORT"``: ``mlflow server`` in a subprocess, SQLite
   backend and proxied artifacts in a temporary directory, job execution off (0.5 GB instead of
   1.8 GB). Started once per session (~7 s here), killed (its whole process group) at the end.
+  :func:`running_mlflow_server` starts one a test owns (to kill it, and start it again).
 - ``s3_server`` -> ``"http://127.0.0.1:PORT"``: moto's S3 in a thread, with fake ``AWS_*``
   credentials in the environment for the session.
 - ``prefect_server`` -> ``"http://127.0.0.1:PORT/api"``: ``prefect server start`` with its own
@@ -24,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,11 +71,12 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=STOP_TIMEOUT_S)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Tracking URI of a real ``mlflow server`` (SQLite + local artifacts) for the session."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+@contextmanager
+def running_mlflow_server(root: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``mlflow server`` on 127.0.0.1 with its store (SQLite + local artifacts) in ``root``: yields its URI and
+    process (the leader of its own process group), stops it at exit. Started again on the same ``root`` and
+    ``port``, it serves the same store at the same URI (a server back after an outage)."""
+    port = port or free_port()
     log = root / "server.log"
     env = {
         **os.environ,
@@ -88,14 +91,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", str(root / "artifacts"),
     ]
-    with log.open("wb") as log_file:
+    with log.open("ab") as log_file:
         process = subprocess.Popen(command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{uri}/health", timeout_s=START_TIMEOUT_S, alive=lambda: process.poll() is None, log=log)
-        yield uri
+        yield uri, process
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Tracking URI of a real ``mlflow server`` (SQLite + local artifacts) for the session."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (uri, _):
+        yield uri
 
 
 @pytest.fixture(scope="session")
