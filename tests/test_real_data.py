@@ -38,8 +38,9 @@ SMALL = [f"{stage}.{key}={value}" for stage in ("sft", "reward", "dpo")
 def base_folder(tmp_path_factory) -> Path:
     from rlhf_core.models.demo_base import build_gpt2_folder, texts_of
 
-    return build_gpt2_folder(tmp_path_factory.mktemp("base") / "gpt2", texts_of([ALPACA, HH]), vocab_size=2000,
-                             n_positions=CONTEXT, n_embd=32, n_layer=1, n_head=4)
+    folder = build_gpt2_folder(tmp_path_factory.mktemp("base") / "gpt2", texts_of([ALPACA, HH]))  # the README's
+    assert json.loads((folder / "config.json").read_text())["n_positions"] == CONTEXT
+    return folder
 
 
 def _workspace(root: Path, base: Path, tracking_uri: str, *overrides: str) -> tuple[Workspace, dict]:
@@ -98,7 +99,7 @@ def test_alpaca_and_hh_unedited_through_every_stage(pipeline, base_folder):
 
 
 def test_sharegpt_dpo_pairs_through_prepare_and_dpo(pipeline, tmp_path):
-    """Swapping the preference data re-runs prepare → validate → dpo; the SFT data, hence the SFT model, is unchanged.
+    """The preference data swapped for the ShareGPT DPO demo, then prepare → validate → dpo (the SFT data, unchanged).
 
     The ShareGPT demo's conversations are long (40% of prompts exceed this 512-token context):
     the gate stops the run, naming the rule; keeping each prompt's last 256 tokens
@@ -117,7 +118,7 @@ def test_sharegpt_dpo_pairs_through_prepare_and_dpo(pipeline, tmp_path):
 
     apply_overrides(ws.params_file, ["dpo.max_prompt_length=256", "validate.max_prompt_tokens=null"])
     run_in_process(load_params(ws.params_file), ws, ["validate", "dpo"])
-    assert ws.split("sft_train").read_bytes() == sft_split  # DVC would not re-run sft
+    assert ws.split("sft_train").read_bytes() == sft_split  # the same SFT rows: the SFT model stays a valid start
     rows = [json.loads(line) for line in ws.split("pref_train").read_text().splitlines()]
     assert {Path(r["source_file"]).name for r in rows} == {SHAREGPT.name} and len(rows) == 180  # max_rows 200, 10% held out
     assert any(len(r["prompt_messages"]) > 1 for r in rows)  # multi-turn conversations kept as messages
