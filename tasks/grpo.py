@@ -9,13 +9,11 @@ grpo.train=true``); otherwise the stage records that and writes no model, and ``
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from typing import Any
 
 from tasks.params import ParamsError, group, typed
-from tasks.workspace import Workspace, write_json
+from tasks.workspace import Workspace
 
 STAGE = "grpo"
 STAGE_KEYS = ("rewards",)  # read by this stage; the rest of the group is rlhf_core's GRPOConfig
@@ -65,11 +63,11 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         CurveRecorder,
         checkpoint_dir,
         distinct_prompts,
+        finish_online_stage,
         gold_reward_fn,
         load_split,
         load_tokenizer,
         log_fn_of,
-        save_model_atomically,
     )
 
     if not selected(params, STAGE):
@@ -95,20 +93,8 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     )
     if not is_main_process():
         return result.metrics
-    save_model_atomically(result.policy, tokenizer, ws.model(STAGE))
-    curves.write(ws.plots(STAGE))
-    if tracker is not None:
-        tracker.log_artifacts(str(ws.plots(STAGE)), "plots")
-        if result.samples:
-            tracker.log_table(result.samples, "samples.json")
-    reports = ws.reports(STAGE)
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in result.samples))
     metrics = {**result.metrics, **lengths, "trained": 1, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}
-    write_json(ws.metrics(STAGE), metrics)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return metrics
-
+    return finish_online_stage(STAGE, ws, tracker, result, tokenizer, curves, ckpt, metrics)
 
 def main() -> None:
     from tasks.stage_main import stage_main

@@ -8,13 +8,11 @@ reward is always monitored, so over-optimisation of the proxy shows in the curve
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from typing import Any
 
 from tasks.params import ParamsError, group, typed
-from tasks.workspace import Workspace, write_json
+from tasks.workspace import Workspace
 
 STAGE = "ppo"
 STAGE_KEYS = ("reward_fn",)  # read by this stage; the rest of the group is rlhf_core's PPOConfig
@@ -30,11 +28,11 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         CurveRecorder,
         checkpoint_dir,
         distinct_prompts,
+        finish_online_stage,
         gold_reward_fn,
         load_split,
         load_tokenizer,
         log_fn_of,
-        save_model_atomically,
     )
 
     if not selected(params, STAGE):
@@ -65,21 +63,9 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     )
     if not is_main_process():
         return result.metrics
-    save_model_atomically(result.policy, tokenizer, ws.model(STAGE))
-    curves.write(ws.plots(STAGE))
-    if tracker is not None:
-        tracker.log_artifacts(str(ws.plots(STAGE)), "plots")
-    reports = ws.reports(STAGE)
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in result.samples))
     metrics = {**result.metrics, **lengths, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}
     metrics.update({f"reward_norm/{k}": v for k, v in result.reward_norm.items()})
-    write_json(ws.metrics(STAGE), metrics)
-    if tracker is not None and result.samples:  # decoded samples of every evaluation, with score and KL
-        tracker.log_table(result.samples, "samples.json")
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return metrics
-
+    return finish_online_stage(STAGE, ws, tracker, result, tokenizer, curves, ckpt, metrics)
 
 def main() -> None:
     from tasks.stage_main import stage_main

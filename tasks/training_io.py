@@ -174,3 +174,26 @@ def distinct_prompts(ds):
     seen: set[str] = set()
     keep = [i for i, p in enumerate(ds["prompt"]) if not (p in seen or seen.add(p))]
     return ds.select(keep).select_columns(["prompt", "prompt_messages"])
+
+
+def finish_online_stage(stage: str, ws: Workspace, tracker: Any, result: Any, tokenizer: Any, curves: Any,
+                        checkpoints: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The outputs of an online policy stage (PPO, GRPO), main process only: the policy (atomically), curves,
+    decoded evaluation samples (``reports/<stage>/samples.jsonl`` and MLflow), ``metrics/<stage>.json``; then
+    the checkpoints go (the model itself is versioned by DVC)."""
+    import json
+
+    from tasks.workspace import write_json
+
+    save_model_atomically(result.policy, tokenizer, ws.model(stage))
+    curves.write(ws.plots(stage))
+    if tracker is not None:
+        tracker.log_artifacts(str(ws.plots(stage)), "plots")
+        if result.samples:  # decoded samples of every evaluation, with score and KL
+            tracker.log_table(result.samples, "samples.json")
+    reports = ws.reports(stage)
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "samples.jsonl").write_text("".join(json.dumps(s, default=str) + "\n" for s in result.samples))
+    write_json(ws.metrics(stage), metrics)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return metrics
