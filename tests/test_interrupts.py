@@ -37,10 +37,12 @@ STOPS_WITHIN_S = 60.0  # "within seconds" (8 s here); generous for 2 busy cores,
 
 
 def test_ctrl_c_stops_the_stage_and_the_prefect_server_and_marks_every_run(tmp_path):
-    ws = make_workspace(tmp_path / "ws")
+    # SFT set to train far longer than the test waits, so the signal always lands while it runs (a stage that could
+    # finish between "its run appeared" and the signal would make the KILLED state a race).
+    ws = make_workspace(tmp_path / "ws", ["sft.max_steps=100000", "sft.save_steps=100000", "sft.eval_steps=100000"])
     db = ws / "mlflow.db"
-    proc = rlhf(ws, "run", "--no-push", "--stage", "ingest", "--stage", "prepare")
-    wait_for_stage_run(db, proc, "prepare")
+    proc = rlhf(ws, "run", "--no-push", *(arg for s in ("ingest", "prepare", "validate", "sft") for arg in ("--stage", s)))
+    wait_for_stage_run(db, proc, "sft")
     children = descendants(proc.pid)
     assert any("uvicorn" in " ".join(p.cmdline()) for p in children) and any("dvc" in " ".join(p.cmdline()) for p in children)
 
@@ -52,7 +54,7 @@ def test_ctrl_c_stops_the_stage_and_the_prefect_server_and_marks_every_run(tmp_p
     assert err.count("interrupted:") == 1 and "Traceback" not in err + out, err[-3000:]
     assert "dvc checkout" in err  # how to restore the interrupted stage's previous outputs
     assert still_running(children) == []  # the stage (dvc, its shell and python) and the Prefect server
-    assert runs(db)["prepare"][0] == "KILLED" and runs(db)["ingest"][0] == "FINISHED"
+    assert runs(db)["sft"][0] == "KILLED" and runs(db)["prepare"][0] == runs(db)["ingest"][0] == "FINISHED"
     assert parent_run(db)[0] == "KILLED"
     assert flow_run_states(ws) == ["CRASHED"]
 
