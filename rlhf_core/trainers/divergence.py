@@ -40,11 +40,14 @@ class DivergenceGuard(TrainerCallback):
         self.max_skipped_steps = max_skipped_steps
         self.skipped: list[int] = []
 
-    def check(self, model: torch.nn.Module, step: int, learning_rate: float) -> bool:
+    def check(self, model: torch.nn.Module, step: int, learning_rate: float, grad_norm: torch.Tensor | None = None) -> bool:
         """Before optimizer step ``step``: ``True`` if it was skipped (gradients dropped); raises past the limit.
 
-        For loops of our own (PPO, GRPO); ``Trainer``-based ones get it through the callback hook.
+        For loops of our own (PPO, GRPO); ``Trainer``-based ones get it through the callback hook. ``grad_norm``:
+        the total norm clipping just computed; when finite every gradient is, and no parameter is scanned.
         """
+        if grad_norm is not None and bool(torch.isfinite(grad_norm)):
+            return False
         bad = nonfinite_gradients(model)
         if not bad:
             return False

@@ -159,6 +159,18 @@ class OnlineLoop:
             if self.log_fn is not None:
                 self.log_fn(metrics, step)
 
+    def reduce_train_metrics(self, per_batch: dict[str, Any]) -> dict[str, float]:
+        """An update's batch statistics averaged over processes, as ``train/<name>`` (one all-reduce)."""
+        import torch
+
+        from rlhf_core import metrics as M
+
+        names = list(per_batch)
+        values = torch.stack([torch.as_tensor(per_batch[n], dtype=torch.float32, device=self.accelerator.device)
+                              for n in names])  # (n,)
+        values = self.accelerator.reduce(values, reduction="mean").tolist()
+        return {M.key(M.TRAIN, n): v for n, v in zip(names, values)}
+
     def add_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         self.state.samples += rows
         if self.accelerator.is_main_process and self.samples_fn is not None and rows:

@@ -116,9 +116,11 @@ class GRPOTrainer(OnlineLoop):
                         max_completion_length=cfg.max_new_tokens)
                     acc.backward(loss)
                     if acc.sync_gradients:
+                        norm = None
                         if cfg.max_grad_norm is not None:
-                            stats.setdefault(M.GRAD_NORM, []).append(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-                        self.guard.check(self.model, self.update + 1, self.scheduler.get_last_lr()[0])
+                            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                            stats.setdefault(M.GRAD_NORM, []).append(norm)
+                        self.guard.check(self.model, self.update + 1, self.scheduler.get_last_lr()[0], norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 stats.setdefault(M.LOSS, []).append(loss.detach())
@@ -160,10 +162,7 @@ class GRPOTrainer(OnlineLoop):
         }
         if self.monitor_fn is not None:
             per_batch[M.OBJECTIVE_GOLD] = torch.tensor(self.monitor_fn(prompts, batch.texts), dtype=torch.float32).mean()
-        names = list(per_batch)
-        values = torch.stack([torch.as_tensor(per_batch[n], dtype=torch.float32, device=self.accelerator.device) for n in names])
-        values = self.accelerator.reduce(values, reduction="mean").tolist()
-        metrics = {M.key(M.TRAIN, n): v for n, v in zip(names, values)}
+        metrics = self.reduce_train_metrics(per_batch)
         metrics[M.key(M.TRAIN, M.LEARNING_RATE)] = lr
         metrics.update({M.key("timing", "generation"): generated - started, M.key("timing", "scoring"): scored - generated,
                         M.key("timing", "training"): time.perf_counter() - scored})

@@ -113,9 +113,11 @@ class PPOTrainer(OnlineLoop):
                     vf_loss, vf_stats = ppo_value_loss(vpred, ro.values[idx], returns[idx], mask, cfg.clip_range_value)
                     acc.backward(pg_loss + cfg.vf_coef * vf_loss)
                     if acc.sync_gradients:
+                        norm = None
                         if cfg.max_grad_norm is not None:
-                            grad_norms.append(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
-                        self.guard.check(self.model, self.update + 1, self.scheduler.get_last_lr()[0])
+                            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                            grad_norms.append(norm)
+                        self.guard.check(self.model, self.update + 1, self.scheduler.get_last_lr()[0], norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 for name, value in ((M.POLICY_APPROXKL, pg_stats["approxkl"]), (M.POLICY_CLIPFRAC, pg_stats["clipfrac"]),
@@ -150,11 +152,7 @@ class PPOTrainer(OnlineLoop):
         }
         if self.monitor_fn is not None:
             per_batch[M.OBJECTIVE_GOLD] = torch.tensor(self.monitor_fn(ro.prompts, ro.texts), dtype=torch.float32).mean()
-        names = list(per_batch)
-        device = self.accelerator.device
-        values = torch.stack([torch.as_tensor(per_batch[n], dtype=torch.float32, device=device) for n in names])  # (n,)
-        values = self.accelerator.reduce(values, reduction="mean").tolist()
-        metrics = {M.key(M.TRAIN, n): v for n, v in zip(names, values)}
+        metrics = self.reduce_train_metrics(per_batch)
         metrics.update({M.key("timing", name): value for name, value in timing.items()})
         metrics[M.key(M.TRAIN, M.KL_COEF)] = beta
         metrics[M.key(M.TRAIN, M.LEARNING_RATE)] = lr
