@@ -110,6 +110,8 @@ def runs(story):
     out["champion3"] = s.champion()
     out["run4"] = s.run("on-demand", "cpu", overrides=["promote.min_win_rate=1.0", "promote.confidence=0.99"])[0]
     out["champion4"] = s.champion()
+    # Snapshot the losing version's tags now: a later test forces this version to champion (tests run in random order).
+    out["loser4_tags"] = s.client.get_model_version(MODEL, out["run4"]["tags"]["promotion.challenger_version"]).tags
     out["params_after_on_demand"] = (s.ws / "params.yaml").read_bytes()
     out["params_before"] = params_before
     out["concurrent"] = s.run("on-demand", "cpu", overrides=[["dpo.beta=0.2"], ["dpo.beta=0.3"]], concurrent=2)
@@ -164,8 +166,8 @@ def test_a_losing_challenger_leaves_the_alias_and_the_decision_is_recorded(story
     assert run4["tags"]["promotion.decision"] == "kept"
     assert "win rate" in run4["tags"]["promotion.reasons"]
     assert runs["champion4"].version == runs["champion3"].version
-    loser = s.client.get_model_version(MODEL, run4["tags"]["promotion.challenger_version"])
-    assert loser.tags["promotion.decision"] == "kept" and loser.tags["promotion.previous_champion"] == runs["champion3"].version
+    loser = runs["loser4_tags"]
+    assert loser["promotion.decision"] == "kept" and loser["promotion.previous_champion"] == runs["champion3"].version
     report = s.client.download_artifacts(run4["parent"].info.run_id, "promotion/decision.md")
     assert "KEPT the current champion" in Path(report).read_text()
 
