@@ -126,3 +126,23 @@ def from_trainer_logs(logs: dict[str, float]) -> dict[str, float]:
         else:
             out[key(TRAIN, _HF_RENAMES.get(name, name))] = float(value)
     return out
+
+
+# The pipeline's parent run in the MLflow UI. The UI puts a run's charts in sections named by the part of each
+# metric name before its last "/" and orders the sections by name, "Model metrics" (names without "/") last
+# (RunsChartsCardConfig.extractChartSectionName / getBaseChartAndSectionConfigs in mlflow/server/js). The parent
+# run logs every stage's numbers as "<stage>/<key>"; it logs the held-out reward, KL and win rates of each policy
+# once more as "<n>_<metric>/<policy>", so these sections come first (a digit sorts before a letter) and in this order.
+PARENT_HEADLINE = {
+    GOLD_REWARD: "1_gold_reward",
+    RM_SCORE: "2_rm_score",
+    KL_PER_TOKEN: "3_kl_per_token",
+    WIN_RATE_VS_SFT_GOLD: "4_win_rate_vs_sft_gold",
+    WIN_RATE_VS_SFT_RM: "5_win_rate_vs_sft_rm",
+}
+"""Evaluation metric (``<policy>/<name>`` in ``metrics/evaluate.json``) -> its chart section on the parent run."""
+
+
+def parent_headline(name: str, policy: str) -> str:
+    """``parent_headline("gold_reward", "dpo") == "1_gold_reward/dpo"``: a policy's headline metric on the parent run."""
+    return f"{PARENT_HEADLINE[name]}/{policy}"
