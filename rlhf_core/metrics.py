@@ -42,6 +42,8 @@ LOGPS_REJECTED = "logps/rejected"
 
 BEST_STEP = "checkpoint/best_step"
 """The step of the checkpoint a stage output when it keeps its best evaluation checkpoint (``best_metric``)."""
+BEST_VALUE = "checkpoint/best_value"
+"""That checkpoint's value of ``best_metric`` (online trainers; the Trainer-based ones report its whole evaluation)."""
 
 # PPO (names of the N implementation details / TRL's former PPOTrainer).
 OBJECTIVE_KL = "objective/kl"
@@ -74,6 +76,36 @@ KL = "kl"
 def reward_part(name: str) -> str:
     """``rewards/<name>/mean``: the mean of one reward function (or ``reward_model``) of a combined reward."""
     return f"rewards/{name}/mean"
+
+# Over-optimisation curves (``rlhf_core.overoptimization``; Gao et al. 2022): logged under ``eval/`` at every evaluation
+# of a policy-training stage, on the same held-out prompts and sampling seed each time.
+OVEROPT = "overopt"
+OVEROPT_PROXY = "overopt/proxy_reward"
+"""Mean raw reward-model score (no normalisation, shaping or penalty); without a reward model, the optimised reward."""
+OVEROPT_GOLD = "overopt/gold_reward"
+"""Mean gold reward (tasks that have one)."""
+OVEROPT_KL = "overopt/kl"
+"""Mean k1 KL to the reference per sequence, Σ_t (log π − log π_ref) over the sampled response (nats)."""
+OVEROPT_SQRT_KL = "overopt/sqrt_kl"
+"""d = sqrt(max(mean KL, 0)), the x-axis of the curves."""
+# The stage's summary of its curve (``metrics/<stage>.json``, not logged per step).
+OVEROPT_PROXY_SERIES = "proxy"
+OVEROPT_GOLD_SERIES = "gold"
+OVEROPT_N_POINTS = "overopt/points"
+OVEROPT_PEAK_GOLD_STEP = "overopt/peak_gold/step"
+OVEROPT_PEAK_GOLD = "overopt/peak_gold/gold_reward"
+OVEROPT_PEAK_GOLD_PROXY = "overopt/peak_gold/proxy_reward"
+OVEROPT_PEAK_GOLD_SQRT_KL = "overopt/peak_gold/sqrt_kl"
+OVEROPT_LAST_STEP = "overopt/last/step"
+OVEROPT_LAST_PROXY = "overopt/last/proxy_reward"
+OVEROPT_LAST_GOLD = "overopt/last/gold_reward"
+OVEROPT_LAST_SQRT_KL = "overopt/last/sqrt_kl"
+
+
+def overopt_fit(series: str, param: str) -> str:
+    """``overopt/<series>_fit/<param>``: a parameter (alpha, beta, rmse, peak_sqrt_kl) of the fitted R(d) of ``proxy`` or ``gold``."""
+    return f"{OVEROPT}/{series}_fit/{param}"
+
 
 # A policy on held-out prompts (``rlhf_core.evaluation``); the evaluate stage writes ``<policy>/<name>``.
 GOLD_REWARD = "gold_reward"
