@@ -1,7 +1,8 @@
 """Evaluation of policies on held-out prompts: rewards, KL to the reference, win rates, diversity.
 
 Pure functions over tensors and lists, plus ``evaluate_policy`` which samples a policy's
-responses once and scores them every way. The ``evaluate`` stage calls it for SFT, PPO and DPO.
+responses (k per prompt, ``evaluate.samples_per_prompt``) and scores them every way. The
+``evaluate`` stage calls it for SFT, PPO and DPO.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from rlhf_core import metrics as M
@@ -48,6 +50,8 @@ def sequence_kl(policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch
 
 @dataclass
 class PolicyEvaluation:
+    """Per-response scores: with k samples per prompt, rows ``g·k … g·k + k − 1`` answer prompt ``g``."""
+
     responses: list[str]
     rm_scores: list[float]
     gold: list[float] | None
@@ -55,16 +59,23 @@ class PolicyEvaluation:
     kl_per_token: list[float]
     lengths: list[int]
     metrics: dict[str, float] = field(default_factory=dict)
+    samples_per_prompt: int = 1
+
+    def by_prompt(self, values: Sequence[float]) -> np.ndarray:
+        """``values`` (one per response) as shape (P, k): row g holds prompt g's k samples."""
+        return np.asarray(values, dtype=np.float64).reshape(-1, self.samples_per_prompt)  # (P·k,) -> (P, k)
 
 
 @torch.no_grad()
 def evaluate_policy(
     policy, reference, reward_model, tokenizer, prompts: list[str], prompt_ids: list[list[int]], *,
     max_new_tokens: int, temperature: float, batch_size: int, seed: int, gold_fn: RewardFn | None = None,
+    samples_per_prompt: int = 1,
 ) -> PolicyEvaluation:
-    """Sample one response per prompt from ``policy`` and score it (RM, gold, KL to ``reference``)."""
+    """Sample ``samples_per_prompt`` (k) responses per prompt from ``policy`` and score each (RM, gold, KL
+    to ``reference``); rows ``g·k … g·k + k − 1`` answer prompt ``g``, and the means are over all P·k."""
     batch = sample_batch(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                         batch_size=batch_size, seed=seed)
+                         batch_size=batch_size, seed=seed, group_size=samples_per_prompt)
     rm_scores = [score for rows in chunks(len(batch), batch_size)
                  for score in sequence_scores(reward_model, batch.query_response[rows], batch.attention_mask[rows]).float().tolist()]
     pol = batch_response_logprobs(policy, batch, temperature, batch_size)  # (B, R)
@@ -72,6 +83,7 @@ def evaluate_policy(
     per_seq, per_tok = sequence_kl(pol, ref, batch.response_mask.to(pol.dtype))
     kl_seq, kl_tok = per_seq.tolist(), per_tok.tolist()
     lengths = batch.response_mask.sum(-1).tolist()
+    prompts = [p for p in prompts for _ in range(samples_per_prompt)]  # (P·k,): each response's prompt
     gold = gold_fn(prompts, batch.texts) if gold_fn is not None else None
     metrics = {
         M.RM_SCORE: sum(rm_scores) / len(rm_scores),
@@ -83,13 +95,16 @@ def evaluate_policy(
     }
     if gold is not None:
         metrics[M.GOLD_REWARD] = sum(gold) / len(gold)
-    return PolicyEvaluation(batch.texts, rm_scores, gold, kl_seq, kl_tok, [int(n) for n in lengths], metrics)
+    return PolicyEvaluation(batch.texts, rm_scores, gold, kl_seq, kl_tok, [int(n) for n in lengths], metrics,
+                            samples_per_prompt)
 
 
 @torch.no_grad()
 def sample_responses(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                     batch_size: int, seed: int) -> list[str]:
-    """One sampled response per prompt, as text (a policy with its own tokenizer, e.g. the champion in service)."""
+                     batch_size: int, seed: int, samples_per_prompt: int = 1) -> list[str]:
+    """``samples_per_prompt`` (k) sampled responses per prompt, as text, rows ``g·k … g·k + k − 1`` for prompt
+    ``g`` (a policy with its own tokenizer, e.g. the champion in service)."""
+    prompt_ids = [ids for ids in prompt_ids for _ in range(samples_per_prompt)]  # (P·k,) prompts, each k times in a row
     return generate(policy, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                     do_sample=True, batch_size=batch_size, seed=seed).texts
 

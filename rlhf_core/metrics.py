@@ -118,6 +118,10 @@ DISTINCT_2 = "distinct_2"
 WIN_RATE_VS_SFT_GOLD = "win_rate_vs_sft/gold"
 WIN_RATE_VS_SFT_RM = "win_rate_vs_sft/rm"
 POLICY_HEADLINE = (GOLD_REWARD, RM_SCORE, KL_PER_TOKEN, WIN_RATE_VS_SFT_GOLD, WIN_RATE_VS_SFT_RM, DISTINCT_2)
+N_PROMPTS = "n_prompts"
+"""Held-out prompts every policy answered (top level of ``metrics/evaluate.json``)."""
+SAMPLES_PER_PROMPT = "samples_per_prompt"
+"""Responses sampled per prompt and policy; means and intervals are over prompts × samples."""
 
 
 def ci_low(name: str) -> str:

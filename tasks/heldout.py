@@ -18,6 +18,10 @@ class EvaluateConfig:
 
     seed: int = 0
     max_prompts: int = 200
+    """The first this many held-out prompts (fewer when some leave no room for a response)."""
+    samples_per_prompt: int = 1
+    """k responses sampled per prompt and policy; means and intervals are over prompts × samples
+    (two-level bootstrap), win rates pair sample j with SFT's sample j of the same prompt."""
     max_new_tokens: int = 16
     temperature: float = 1.0
     """Sampling temperature; at 1.0 the KL estimate is the KL of the policy itself."""
@@ -28,6 +32,8 @@ class EvaluateConfig:
         for name in ("max_prompts", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 

@@ -1,7 +1,8 @@
 """Stage ``promote``: register the new policy and move ``@champion`` to it only when it wins.
 
 The challenger (``promote.policy``, default DPO) and the registry's current ``@champion`` answer
-the same held-out prompts in this run, with the ``evaluate`` group's sampling, and are judged
+the same held-out prompts in this run, with the ``evaluate`` group's sampling (its
+``samples_per_prompt`` responses per prompt, paired sample by sample), and are judged
 by this run's judge (``promote.metric``: the gold reward where the task has one, else this run's
 reward model), since the data may have changed since the champion was crowned. Each policy
 uses its own tokenizer; responses are judged as text. ``rlhf_core.promotion.decide`` applies
@@ -92,8 +93,11 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     reference = load_causal_lm(str(ws.model("sft"))).eval()
     held = held_out_prompts(ws, ev, tokenizer, context_length(reference))
     reward_model = load_reward_model(str(ws.model("reward"))).eval()
-    judge = _judge(metric, gold_fn, reward_model, tokenizer, held.ids, held.prompts, ev.batch_size)
-    sampling = dict(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed)
+    k = ev.samples_per_prompt  # k responses per prompt and policy, prompt-major rows (g·k … g·k + k − 1)
+    judge = _judge(metric, gold_fn, reward_model, tokenizer, [ids for ids in held.ids for _ in range(k)],
+                   [p for p in held.prompts for _ in range(k)], ev.batch_size)
+    sampling = dict(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, batch_size=ev.batch_size, seed=ev.seed,
+                    samples_per_prompt=k)
 
     challenger = load_causal_lm(str(ws.model(cfg.policy))).eval()
     own = evaluate_policy(challenger, reference, reward_model, tokenizer, held.prompts, held.ids, gold_fn=gold_fn, **sampling)
@@ -112,12 +116,13 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     else:  # the first crown: the absolute gate against this run's SFT reference
         baseline_scores = judge(sample_responses(reference, tokenizer, held.ids, **sampling))
         against = "reference"
-    decision = decide(challenger_scores, baseline_scores, own.metrics["kl_per_token"], cfg.criteria(ev.seed), against=against)
+    decision = decide(challenger_scores, baseline_scores, own.metrics["kl_per_token"], cfg.criteria(ev.seed), against=against,
+                      samples_per_prompt=k)
 
     record = {
         "metric": metric, "policy": cfg.policy, "against": against, "promoted": int(decision.promote),
         "decision": "promoted" if decision.promote else "kept",
-        "reasons": decision.reasons, "n_prompts": decision.n, "win_rate": decision.win_rate,
+        "reasons": decision.reasons, "n_prompts": decision.n, "samples_per_prompt": k, "win_rate": decision.win_rate,
         "mean_diff": decision.mean_diff, "ci_low": decision.ci_low, "ci_high": decision.ci_high,
         "p_value": decision.p_value, "kl_per_token": decision.kl,
         "challenger_score": sum(challenger_scores) / len(challenger_scores),
@@ -195,7 +200,8 @@ def decision_report(record: dict[str, Any], cfg: PromoteConfig, name: str) -> st
         f"# Promotion decision: {verdict}", "",
         f"- model: `{name}`; challenger: `{cfg.policy}`" + (f" (version {record['challenger_version']})" if record.get("challenger_version") else ""),
         f"- compared with: the {record['against']}" + (f" (version {record['previous_champion']})" if record["previous_champion"] else " (this run's SFT policy: first crown)"),
-        f"- judge: `{record['metric']}` on {record['n_prompts']} held-out prompts, both policies sampled in this run", "",
+        f"- judge: `{record['metric']}` on {record['n_prompts']} held-out prompts × {record['samples_per_prompt']} sample(s), "
+        "both policies sampled in this run (sample j against sample j of the same prompt)", "",
         "| evidence | value | criterion |", "|---|---|---|",
         f"| paired win rate | {record['win_rate']:.3f} | >= {cfg.min_win_rate} |",
         f"| mean gain (challenger − {record['against']}) | {record['mean_diff']:+.4f} | |",

@@ -40,7 +40,8 @@ def tracked_env(mlflow_server):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tracked_env) -> Path:
-    ws = make_workspace(tmp_path_factory.mktemp("pipeline") / "ws", ["grpo.train=true"])
+    # Two samples per prompt: evaluate and promote sample, pair and bootstrap k > 1 (the default 1 runs in test_flow).
+    ws = make_workspace(tmp_path_factory.mktemp("pipeline") / "ws", ["grpo.train=true", "evaluate.samples_per_prompt=2"])
     proc = repro(ws, env=tracked_env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert stages_run(proc.stdout) == set(STAGES) - ALWAYS_RUN
@@ -66,6 +67,13 @@ def test_full_repro_produces_every_output(workspace):
     assert "dpo/win_rate_vs_sft/gold" in evaluation and "ppo/win_rate_vs_sft/rm" in evaluation
     for key in ("sft/gold_reward", "dpo/rm_score", "ppo/kl_per_token", "dpo/win_rate_vs_sft/gold", "grpo/win_rate_vs_sft/rm"):
         assert evaluation[f"{key}_ci_low"] <= evaluation[key] <= evaluation[f"{key}_ci_high"], key  # 95% bootstrap
+    assert evaluation["n_prompts"] == 24 and evaluation["samples_per_prompt"] == 2  # 24 prompts x 2 samples
+    samples = [json.loads(line) for line in (workspace / "reports" / "evaluate" / "samples.jsonl").read_text().splitlines()]
+    sft_rows = [s for s in samples if s["policy"] == "sft"]
+    assert [s["sample"] for s in sft_rows] == [0, 1, 0, 1] and sft_rows[0]["prompt"] == sft_rows[1]["prompt"] != sft_rows[2]["prompt"]
+    promotion = json.loads((workspace / "metrics" / "promote.json").read_text())
+    assert promotion["n_prompts"] == 24 and promotion["samples_per_prompt"] == 2
+    assert "24 held-out prompts × 2 sample(s)" in (workspace / "reports" / "promote" / "decision.md").read_text()
 
 
 def test_second_repro_runs_nothing(workspace, tracked_env):

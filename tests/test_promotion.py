@@ -15,6 +15,7 @@ from rlhf_core.promotion import (
     PromotionCriteria,
     bootstrap_mean_interval,
     decide,
+    hierarchical_bootstrap_interval,
     paired_win_rate,
     sign_test_p_value,
 )
@@ -232,6 +233,33 @@ def test_decide_is_deterministic_for_a_seed():
     a = decide(challenger, champion, kl=0.1, criteria=PromotionCriteria(seed=3))
     b = decide(list(challenger), list(champion), kl=0.1, criteria=PromotionCriteria(seed=3))
     assert a == b
+
+
+def test_one_sample_per_prompt_is_the_default_decision():
+    challenger, champion = _paired(np.random.default_rng(12), 40, gain=0.2)
+    criteria = PromotionCriteria(seed=1)
+    assert decide(challenger, champion, kl=0.1, criteria=criteria, samples_per_prompt=1) == \
+        decide(challenger, champion, kl=0.1, criteria=criteria)
+
+
+def test_k_samples_per_prompt_pair_samples_and_test_prompts():
+    # 3 prompts x 2 samples, prompt-major; paired differences per prompt: (+1, -1), (+2, +2), (+1, +1).
+    challenger = np.array([1.0, -1.0, 2.0, 2.0, 1.0, 1.0])
+    baseline = np.zeros(6)
+    d = decide(challenger, baseline, kl=0.0, criteria=PromotionCriteria(test="sign", min_win_rate=0.0),
+               samples_per_prompt=2)
+    assert d.n == 3 and d.win_rate == pytest.approx(5 / 6) and d.mean_diff == pytest.approx(1.0)
+    # the sign test counts prompts (mean gains 0, 2, 1: one tie, 2 wins of 2), not the 6 dependent samples
+    assert d.p_value == pytest.approx(_binomial_tail(2, 2)) and d.p_value != pytest.approx(_binomial_tail(5, 6))
+    low, high = hierarchical_bootstrap_interval((challenger - baseline).reshape(3, 2), confidence=0.95,
+                                                n_bootstrap=2000, seed=0)
+    assert (d.ci_low, d.ci_high) == (low, high)
+
+
+@pytest.mark.parametrize(("n", "k"), [(5, 2), (2, 2), (4, 0), (4, True)])  # not whole prompts; one prompt; bad k
+def test_decide_rejects_scores_that_are_not_k_samples_of_two_prompts(n, k):
+    with pytest.raises(ValueError):
+        decide(np.ones(n), np.zeros(n), kl=0.0, criteria=PromotionCriteria(), samples_per_prompt=k)
 
 
 @pytest.mark.parametrize(
