@@ -41,6 +41,29 @@ def limit_cpu_threads() -> int:
     return threads
 
 
+def redeliver_swallowed_interrupts() -> None:
+    """Make Ctrl-C (the SIGINT ``rlhf`` sends a stage) always stop the stage.
+
+    A ``KeyboardInterrupt`` raised while Python runs a weakref callback or a ``__del__`` (garbage
+    collection in the middle of training) cannot propagate: Python prints it as "Exception ignored"
+    with a traceback and training goes on until the caller's grace period ends in SIGKILL, before the
+    stage could mark its MLflow run. Such an interrupt is delivered again to the main thread instead.
+    """
+    import _thread
+    import threading
+
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            # From another thread, a moment later: raised in the main thread's own code, not in this hook.
+            threading.Timer(0.05, _thread.interrupt_main).start()
+            return
+        default_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
     """Run ``stage`` as a process; ``torch_threads=False`` for stages that never touch torch (no import cost)."""
     import datasets
@@ -51,6 +74,7 @@ def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
     from tasks.dvc_ops import mark_stage_started, stage_outputs, stage_params
     from tasks.tracking.stage_run import stage_run
 
+    redeliver_swallowed_interrupts()
     mark_stage_started()  # DVC executed this stage's command: it ran (not skipped, not restored)
     datasets.disable_progress_bars()  # per-map bars drown the training log in Prefect/CI output
     if torch_threads:

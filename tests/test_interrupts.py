@@ -14,7 +14,10 @@ server for minutes, as before) would break.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +82,26 @@ def test_after_kill_9_the_next_run_stops_what_was_left_and_closes_the_stale_runs
     assert "had ended without closing it" in (tag(db, stale, "rlhf.closed_by") or "")
     assert runs(db)["prepare"][0] in ("KILLED", "FINISHED")  # stopped by the next run, or done before it came
     assert flow_run_states(ws) == ["CRASHED", "COMPLETED"]
+
+
+def test_an_interrupt_that_lands_in_a_weakref_callback_still_stops_the_stage():
+    """Python swallows a KeyboardInterrupt raised during garbage collection ("Exception ignored in ...", with a
+    traceback) and training would go on until SIGKILL; the stage entry point delivers it again instead."""
+
+    script = (
+        "import weakref\n"
+        "from tasks.stage_main import redeliver_swallowed_interrupts\n"
+        "redeliver_swallowed_interrupts()\n"
+        "class A: pass\n"
+        "def callback(ref): raise KeyboardInterrupt  # a SIGINT landing while the collector runs this\n"
+        "a = A(); r = weakref.ref(a, callback)\n"
+        "try:\n"
+        "    del a\n"
+        "    for _ in range(10**9): pass\n"
+        "    print('training went on')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.strip() == "stopped" and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
