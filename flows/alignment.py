@@ -16,12 +16,15 @@ flow owns the parent MLflow run, pushes the outputs to the DVC remote, and logs 
 the parent run. Retries go on the push only (MLflow calls retry by themselves, bounded by
 ``tracking.timeout_s``/``max_retries``); training stages resume from their own checkpoints when re-run.
 
-When things go wrong, the run ends with one :class:`~rlhf_core.errors.UserFacingError` and honest
-records: a failed stage or an interrupt ends the parent run FAILED or KILLED (an interrupt stops
-the stage's process group first); a tracking server that stops answering ends the run after the
-stage it happened in (that stage keeps its outputs; ``rlhf sync`` sends what was not logged); a
-failed push leaves the parent run FINISHED with its summary, tagged ``dvc.push=failed``. Before
-it starts, a run closes the runs that a killed run left RUNNING (``tasks.tracking.lifecycle``).
+Before anything runs, the first task checks the settings and what the run will reach (the tracking
+server, the DVC remote when pushing, the data sources: ``tasks.preflight``), as ``rlhf run`` does
+before it starts the flow. When things go wrong, the run ends with one
+:class:`~rlhf_core.errors.UserFacingError` and honest records: a failed stage or an interrupt ends
+the parent run FAILED or KILLED (an interrupt stops the stage's process group first); a tracking
+server that stops answering ends the run after the stage it happened in (that stage keeps its
+outputs; ``rlhf sync`` sends what was not logged); a failed push leaves the parent run FINISHED with
+its summary, tagged ``dvc.push=failed``. Before it starts, a run closes the runs that a killed run
+left RUNNING (``tasks.tracking.lifecycle``).
 """
 
 from __future__ import annotations
@@ -52,10 +55,17 @@ def read_metrics(root: Path) -> dict[str, Any]:
 
 
 @task(name="apply-overrides")
-def apply_overrides_task(root: str, overrides: list[str]) -> dict[str, Any]:
-    from tasks.preflight import check_params
+def apply_overrides_task(root: str, overrides: list[str], push: bool = True, remote: str | None = None,
+                         tracking_uri: str | None = None) -> dict[str, Any]:
+    """The preflight (``tasks.preflight``: the settings, then the tracking server, the DVC remote when pushing and
+    the data sources), then the overrides written into ``root``'s params.yaml; nothing is written unless all pass."""
+    from tasks.preflight import check_params, check_services
 
-    changed = apply_overrides(Path(root) / "params.yaml", overrides, check=check_params)  # nothing written unless all pass
+    def check(params: dict[str, Any]) -> None:
+        check_params(params)
+        check_services(Path(root), params, push=push, remote=remote, tracking_uri=tracking_uri)
+
+    changed = apply_overrides(Path(root) / "params.yaml", overrides, check=check)
     for key, (old, new) in changed.items():
         get_run_logger().info("params.yaml: %s = %r (was %r)", key, new, old)
     return {k: v[1] for k, v in changed.items()}
@@ -151,7 +161,7 @@ def alignment_flow(
     with checkout as isolated:
         root = str(isolated.root if isolated else workspace_root)
         env = isolated.env if isolated else {}
-        changed = apply_overrides_task(root, overrides or [])
+        changed = apply_overrides_task(root, overrides or [], push, remote, tracking["uri"])
         git = git_info(Path(root))
         flow_run_id = str(flow_run.get_id() or "")
         tags = {"prefect.flow_run_id": flow_run_id, "git.commit": str(git.get("commit")), "git.dirty": str(git.get("dirty")),

@@ -48,7 +48,7 @@ def run(
     from tasks.workspace import state_dir
 
     try:
-        preflight(root, list(set_))
+        preflight(root, list(set_), push=push, remote=remote)
     except ParamsError as err:
         raise fail(str(err), 2) from None
     quiet_reported_failures()

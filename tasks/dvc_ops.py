@@ -183,15 +183,28 @@ def mark_stage_started() -> None:
         Path(marker).touch()
 
 
+def remote_config(root: Path, name: str | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The DVC remote ``name`` (default: the repo's default remote) and its settings, read with DVC's own API:
+    ``.dvc/config`` merged with ``config.local`` and the user's and system's configs, a local ``url`` made
+    absolute (DVC keeps it relative to the config file). ``None`` when no name is given and no default is
+    set; ``KeyError`` naming the remotes that exist when ``name`` is not one of them."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        config = repo.config
+        name = name or config["core"].get("remote")
+        if not name:
+            return None
+        remotes = config["remote"]
+        if name not in remotes:
+            raise KeyError(f"no DVC remote named '{name}' (remotes: {', '.join(remotes) or 'none'})")
+        return name, dict(remotes[name])
+
+
 def remote_url(workspace: Path) -> tuple[str, str] | None:
     """The workspace's default DVC remote (name, URL), a local path made absolute (it is relative to ``.dvc/``)."""
-    name = dvc(workspace, "remote", "default", check=False).stdout.strip()
-    if not name:
-        return None
-    url = dvc(workspace, "config", f"remote.{name}.url").stdout.strip()
-    if "://" not in url and not Path(url).is_absolute():
-        url = str((workspace / ".dvc" / url).resolve())
-    return name, url
+    found = remote_config(workspace)
+    return (found[0], found[1]["url"]) if found else None
 
 
 def share_cache_and_remote(workspace: Path, checkout: Path, *, share_cache: bool = True) -> None:

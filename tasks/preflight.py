@@ -5,6 +5,11 @@ types, out-of-range values and cross-field rules fail there, naming ``group.key`
 stage reads itself (``ppo.reward_fn``, ``grpo.rewards``, each policy's ``train``) checked here and
 ``auto`` lengths left to the stage that resolves them. ``rlhf run`` and the flow run it on
 ``params.yaml`` plus the overrides before writing them; a stage run by hand runs it on its own group.
+
+:func:`check_services` then asks what the run will reach, one short request each: the tracking
+server, the DVC remote it will push to, and the data sources ``prepare`` names. ``rlhf run`` runs
+both before it starts anything (:func:`preflight`); the flow runs them again as its first task
+(the deployments, which start it without ``rlhf run``).
 """
 
 from __future__ import annotations
@@ -131,11 +136,206 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
                       "$MLFLOW_TRACKING_URI at one that runs (unset both for the local sqlite store)")
 
 
-def preflight(root: Path, overrides: list[str]) -> dict[str, Any]:
-    """Before ``rlhf run`` starts anything: ``params.yaml`` with ``overrides`` (not written) passes
-    :func:`check_params`, and the tracking server it names answers. Returns those parameters."""
-    from tasks.params import apply_overrides
+REACH_TIMEOUT_S = 5.0
+"""One request per service: connect and read timeouts of the tracking and remote checks."""
+SOURCE_TIMEOUT_S = 10.0
+"""Listing one data source (a local folder, an S3 prefix with a HEAD per file, a hub dataset's info)."""
+NO_PUSH_HINT = "or run with --no-push (the outputs stay in the local DVC cache; `dvc push` sends them later)"
+
+
+def _within(seconds: float, what: str, fn: Any) -> Any:
+    """``fn()``'s result, or ``TimeoutError`` naming ``what`` after ``seconds`` (``fn`` is left to end in a daemon thread)."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # handed to the caller
+            outcome["error"] = err
+
+    worker = threading.Thread(target=call, name=f"preflight {what}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _writable_folder(path: Path) -> str | None:
+    """Why ``path`` cannot be a DVC remote folder (``None`` when it is one, or can be made)."""
+    import os
+
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a folder, so {path} cannot be created"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{path} cannot be created ({parent} is not writable)"
+
+
+def _s3_problem(config: dict[str, Any], timeout: float) -> str | None:
+    """Why an ``s3://`` DVC remote does not answer: one listing request of its prefix (what ``dvc push`` needs first),
+    with the remote's own endpoint, credentials, profile and TLS settings, ``timeout`` s, one attempt."""
+    import boto3
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, prefix = config["url"][len("s3://"):].partition("/")
+    core = botocore.session.Session()
+    for key, variable in (("credentialpath", "credentials_file"), ("configpath", "config_file"), ("profile", "profile")):
+        if config.get(key):
+            core.set_config_variable(variable, config[key])
+    session = boto3.session.Session(botocore_session=core, region_name=config.get("region"),
+                                    aws_access_key_id=config.get("access_key_id"),
+                                    aws_secret_access_key=config.get("secret_access_key"),
+                                    aws_session_token=config.get("session_token"))
+    unsigned = config.get("allow_anonymous_login") and session.get_credentials() is None
+    client = session.client("s3", endpoint_url=config.get("endpointurl"), use_ssl=config.get("use_ssl", True),
+                            verify=config.get("ssl_verify", True),
+                            config=Config(connect_timeout=timeout, read_timeout=timeout,
+                                          retries={"total_max_attempts": 1, "mode": "standard"},
+                                          **({"signature_version": UNSIGNED} if unsigned else {})))
+    try:
+        client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "404", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                    "ExpiredToken", "InvalidToken"):
+            return _one_line(err)
+        return None  # it answered (e.g. a region redirect, which DVC follows)
+    except BotoCoreError as err:  # no connection, a timeout, no credentials
+        return _one_line(err)
+    return None
+
+
+def check_remote(root: Path, remote: str | None = None, timeout: float = REACH_TIMEOUT_S) -> None:
+    """The DVC remote ``dvc push`` will send the outputs to (``remote``, else the repo's default) can take them.
+
+    A local (filesystem) remote: its folder exists and is writable, or can be created. ``s3://``: the
+    bucket answers a listing of the remote's prefix (:func:`_s3_problem`). Any other scheme (gs, azure,
+    ssh, http, ...): DVC's own filesystem for the remote is asked whether the remote's path exists,
+    within ``timeout`` s (this loads the scheme's DVC plugin; one without it fails here as the push
+    would). A remote whose path does not exist yet passes: the push creates it.
+    """
+    from tasks.dvc_ops import remote_config
+
+    try:
+        found = remote_config(root, remote)
+    except KeyError as err:
+        raise ParamsError(f"{err.args[0]}: name one of them with --remote, or run with --no-push") from None
+    except Exception as err:  # not a DVC repository, an unreadable config
+        raise ParamsError(f"cannot read the DVC remotes of {root} ({_one_line(err)}): the run needs a DVC repository "
+                          "(`dvc init`)") from None
+    if found is None:
+        raise ParamsError("no DVC remote to push the outputs to: add one with `dvc remote add -d NAME URL`, name one with "
+                          "--remote, or run with --no-push")
+    name, config = found
+    url = str(config.get("url", ""))
+    where = f"the DVC remote '{name}' ({url}{', endpoint ' + config['endpointurl'] if config.get('endpointurl') else ''})"
+    if "://" not in url:
+        if (problem := _writable_folder(Path(url))) is not None:
+            raise ParamsError(f"{where} cannot take the outputs: {problem}; fix it (`dvc remote modify {name} url PATH`), "
+                              + NO_PUSH_HINT)
+        return
+    try:
+        if url.startswith("s3://"):
+            problem = _s3_problem(config, timeout)
+        else:
+            def exists() -> None:
+                from dvc.repo import Repo
+
+                with Repo(str(root)) as repo:
+                    target = repo.cloud.get_remote(name)
+                    target.fs.exists(target.path)
+
+            _within(timeout, f"remote {name}", exists)
+            problem = None
+    except Exception as err:
+        problem = _one_line(str(err) or type(err).__name__)
+    if problem is not None:
+        raise ParamsError(f"{where} does not answer ({problem}): start it or fix its settings (`dvc remote modify {name} "
+                          f"...`), {NO_PUSH_HINT}")
+
+
+def source_as_staged(uri: str, root: Path) -> str:
+    """``uri`` as the stages read it: they run in the workspace ``root``, so a relative local path is ``root``'s."""
+    from rlhf_core.data.loading import looks_like_path
+
+    if "://" in uri:
+        return uri
+    path = Path(uri).expanduser()
+    if path.is_absolute():
+        return str(path)
+    return str(root / path) if (root / path).exists() or looks_like_path(uri) else uri  # else a hub dataset's name
+
+
+def check_sources(root: Path, params: dict[str, Any], timeout: float = SOURCE_TIMEOUT_S) -> list[str]:
+    """Each data source ``prepare`` names answers (:func:`tasks.sources.list_source`, within ``timeout`` s) and
+    its local files can be read; returns one line per problem, naming the setting (``prepare.<key>``)."""
+    from rlhf_core.data.loading import DataLoadError
+    from tasks.sources import ROLES, configured_sources, kind_of, list_source
+
+    problems = []
+    for role, uri in configured_sources(params).items():
+        setting = f"prepare.{ROLES[role]}"
+        staged = source_as_staged(uri, root)
+        try:
+            files = _within(timeout, setting, lambda staged=staged: list_source(staged))
+            if kind_of(staged) == "local":
+                for file in files:
+                    with open(file.uri, "rb") as handle:
+                        handle.read(1)
+        except (DataLoadError, OSError) as err:  # TimeoutError is an OSError
+            reason = _one_line(err)
+            if isinstance(err, PermissionError):
+                reason = f"{err.filename}: not readable (permission denied)"
+            elif isinstance(err, TimeoutError):
+                reason = f"{staged}: {reason}"
+            relative = (f" (relative to the workspace {root})" if staged != uri and not Path(uri).expanduser().is_absolute()
+                        else "")
+            problems.append(f"{setting} = {uri!r}{relative}: {reason}; fix {setting} in params.yaml or --set {setting}=...")
+    return problems
+
+
+def check_services(root: Path, params: dict[str, Any], *, push: bool = True, remote: str | None = None,
+                   tracking_uri: str | None = None) -> None:
+    """What a run reaches, one short request each, all problems in one :class:`ParamsError` (one line each): the
+    tracking server (``tracking_uri``, else ``params``' resolved against ``root``), the DVC remote when
+    ``push`` (:func:`check_remote`) and the data sources (:func:`check_sources`)."""
     from tasks.tracking.client import resolve_tracking_uri
+
+    problems = []
+    uri = tracking_uri or resolve_tracking_uri((params.get("tracking") or {}).get("uri"), root)
+    checks = [lambda: check_tracking_server(uri)] + ([lambda: check_remote(root, remote)] if push else [])
+    for check in checks:
+        try:
+            check()
+        except ParamsError as err:
+            problems.append(str(err))
+    problems += check_sources(root, params)
+    if problems:
+        raise ParamsError("\n  ".join(["the run cannot reach what it needs:", *problems]) if len(problems) > 1 else problems[0])
+
+
+def preflight(root: Path, overrides: list[str], *, push: bool = True, remote: str | None = None) -> dict[str, Any]:
+    """Before ``rlhf run`` starts anything: ``params.yaml`` with ``overrides`` (not written) passes
+    :func:`check_params`, then :func:`check_services` (the tracking server, the DVC remote when ``push``,
+    the data sources). Returns those parameters."""
+    from tasks.params import apply_overrides
 
     checked: dict[str, Any] = {}
 
@@ -144,5 +344,5 @@ def preflight(root: Path, overrides: list[str]) -> dict[str, Any]:
         checked.update(params)
 
     apply_overrides(root / "params.yaml", overrides, check=check, write=False)
-    check_tracking_server(resolve_tracking_uri((checked.get("tracking") or {}).get("uri"), root))
+    check_services(root, checked, push=push, remote=remote)
     return checked

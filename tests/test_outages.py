@@ -5,9 +5,10 @@
   of the kill with one message naming the server and the stage, and what could not be logged is
   kept on disk; with the server back, ``rlhf sync`` sends it: the SFT run then holds its metrics,
   curves and output hashes and is FINISHED, the parent run FAILED.
-- The DVC remote (moto's S3) stopped before the push: the run fails with one message naming the
-  remote, and the MLflow parent run is FINISHED with its summary, tagged ``dvc.push=failed``, so
-  ``rlhf compare`` lists it.
+- The DVC remote (moto's S3) up when the run starts (the preflight checks it) and stopped once the
+  run is under way, before the push: the run fails with one message naming the remote, and the
+  MLflow parent run is FINISHED with its summary, tagged ``dvc.push=failed``, so ``rlhf compare``
+  lists it.
 
 The only wall-time assertion is a generous bound that a hang (MLflow's default ~4 min of retries
 per call, as before) would break.
@@ -86,12 +87,20 @@ def test_a_remote_down_at_the_push_fails_the_run_but_its_record_is_complete(tmp_
 
     boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", **{k.lower(): v for k, v in aws.items() if "KEY" in k},
                  region_name="us-east-1").create_bucket(Bucket="remote")
-    moto.stop()  # stopped before the push (before the run: preflight does not check the remote yet)
-    ws = make_workspace(tmp_path / "ws")
-    run(["dvc", "remote", "add", "-d", "-f", "s3", "s3://remote/rlhf"], ws)
-    run(["dvc", "remote", "modify", "s3", "endpointurl", f"http://127.0.0.1:{port}"], ws)
-
-    proc = rlhf(ws, "run", "--stage", "ingest", env=aws)
+    try:
+        ws = make_workspace(tmp_path / "ws")
+        run(["dvc", "remote", "add", "-d", "-f", "s3", "s3://remote/rlhf"], ws)
+        run(["dvc", "remote", "modify", "s3", "endpointurl", f"http://127.0.0.1:{port}"], ws)
+        proc = rlhf(ws, "run", "--stage", "ingest", env=aws)
+        # The preflight found the remote answering; it goes away once the run is under way (its parent run
+        # exists: the ingest stage and the push are still ahead).
+        deadline = time.monotonic() + 300
+        while not any(name.startswith("pipeline-") for name in runs(ws / "mlflow.db")):
+            assert proc.poll() is None, f"rlhf run ended early:\n{proc.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "the pipeline's parent run did not appear within 300 s"
+            time.sleep(0.1)
+    finally:
+        moto.stop()
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err[-3000:]
     assert err.count("[rlhf] pushing the outputs to the DVC remote 's3'") == 1 and "Traceback" not in out + err, err[-3000:]

@@ -1,4 +1,5 @@
-"""Preflight: every group of params.yaml built into its stage's typed config before anything runs; bad values named, nothing written."""
+"""Preflight: every group of params.yaml built into its stage's typed config before anything runs; bad values named,
+nothing written. Then what the run reaches: the tracking server, the DVC remote it pushes to, the data sources."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from tasks.params import ParamsError, apply_overrides, load_params
-from tasks.preflight import check_group, check_params
+from tasks.preflight import check_group, check_params, check_remote, check_services, check_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,13 +67,13 @@ def test_auto_lengths_are_left_to_the_stages_and_unknown_groups_named():
         check_params({**params, "trainer": {"lr": 1}})
 
 
-def _cli(ws: Path, *args: str):
+def _cli(ws: Path, *args: str, env: dict[str, str] | None = None):
     import os
     import subprocess
     import sys
 
     return subprocess.run([sys.executable, "-m", "flows.cli", "run", "-w", str(ws), *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": ""}, check=False)
+                          cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": "", **(env or {})}, check=False)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -80,15 +81,146 @@ def _cli(ws: Path, *args: str):
     (["--set", "dpo=0.2"], "dpo is a group"),
     (["--set", "nonexistent.key=1"], "nonexistent is not a group"),
     (["--set", "dpo.beta"], "expected KEY=VALUE"),
-    (["--set", "tracking.uri=http://127.0.0.1:9"], "the MLflow tracking server http://127.0.0.1:9 does not answer"),
+    (["--no-push", "--set", "tracking.uri=http://127.0.0.1:9"], "the MLflow tracking server http://127.0.0.1:9 does not answer"),
+    (["--no-push", "--set", "prepare.sft_data=data/sft.jsonl"],
+     "prepare.sft_data = 'data/sft.jsonl' (relative to the workspace {ws}): {ws}/data/sft.jsonl: no such file or folder"),
 ])
 def test_rlhf_run_stops_before_starting_anything_with_one_line_and_params_intact(params_file, args, message):
     before = params_file.read_text()
     proc = _cli(params_file.parent, *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert message.format(ws=params_file.parent) in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr  # one line
     assert params_file.read_text() == before
     # Nothing started: no stage ran (no dvc.lock), no tracking store, no Prefect server's home.
     assert {p.name for p in params_file.parent.iterdir()} <= {"params.yaml", ".prefect"}
     assert not (params_file.parent / "dvc.lock").exists() and not (params_file.parent / "mlflow.db").exists()
+
+
+def _dvc_folder(path: Path, default: str | None = None, **remotes: dict[str, str]) -> Path:
+    """``path`` with the project's params.yaml and a DVC repo (no git) with ``remotes`` ({name: {url: ..., <setting>: ...}})
+    in its ``.dvc/config``, as ``dvc remote add`` / ``modify`` write them (written directly: each command costs seconds)."""
+    from tests.workspace_factory import run
+
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "params.yaml", path / "params.yaml")
+    run(["dvc", "init", "--no-scm", "-q"], path)
+    config = "[core]\n    no_scm = True\n" + (f"    remote = {default}\n" if default else "")
+    for name, settings in remotes.items():
+        config += f"['remote \"{name}\"']\n" + "".join(f"    {key} = {value}\n" for key, value in settings.items())
+    (path / ".dvc" / "config").write_text(config)
+    return path
+
+
+def test_rlhf_run_stops_before_starting_anything_when_the_s3_remote_does_not_answer(tmp_path):
+    from tests.servers import free_port
+
+    port = free_port()  # nothing listens there: a dead S3 endpoint
+    ws = _dvc_folder(tmp_path / "ws", "store", store={"url": "s3://bucket/rlhf", "endpointurl": f"http://127.0.0.1:{port}"})
+    before = (ws / "params.yaml").read_text()
+    proc = _cli(ws, env={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = proc.stderr.strip()
+    assert line.count("\n") == 0 and "Traceback" not in line, proc.stderr
+    assert f"the DVC remote 'store' (s3://bucket/rlhf, endpoint http://127.0.0.1:{port}) does not answer" in line
+    assert "--no-push" in line and "dvc remote modify store" in line
+    assert (ws / "params.yaml").read_text() == before
+    assert {p.name for p in ws.iterdir()} <= {"params.yaml", ".dvc", ".dvcignore", ".prefect"}  # nothing started
+
+
+def test_a_live_s3_remote_passes_and_a_missing_bucket_is_named(tmp_path, s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="alive")
+    ws = _dvc_folder(tmp_path / "ws", "up", up={"url": "s3://alive/rlhf", "endpointurl": s3_server},
+                     gone={"url": "s3://no-such-bucket/rlhf", "endpointurl": s3_server})
+    check_remote(ws)  # the default remote answers
+    with pytest.raises(ParamsError, match=r"the DVC remote 'gone' .* does not answer \(.*NoSuchBucket"):
+        check_remote(ws, "gone")
+    with pytest.raises(ParamsError, match=r"no DVC remote named 'elsewhere' \(remotes: up, gone\)"):
+        check_remote(ws, "elsewhere")
+
+
+def test_a_local_remote_must_be_a_folder_that_can_be_written_or_made(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    ws = _dvc_folder(tmp_path / "ws", "later", later={"url": str(tmp_path / "not" / "yet")},
+                     blocked={"url": str(tmp_path / "a-file" / "remote")})
+    check_remote(ws)  # a folder the push creates
+    assert not (tmp_path / "not").exists()  # the check creates nothing
+    with pytest.raises(ParamsError, match=f"the DVC remote 'blocked' .* cannot take the outputs: {tmp_path / 'a-file'} is not a folder"):
+        check_remote(ws, "blocked")
+    bare = _dvc_folder(tmp_path / "bare")
+    with pytest.raises(ParamsError, match=r"no DVC remote to push the outputs to: .*dvc remote add -d NAME URL.*--no-push"):
+        check_remote(bare)
+    check_services(bare, yaml.safe_load((bare / "params.yaml").read_text()), push=False)  # not pushing: no remote needed
+
+
+def test_every_unreachable_thing_is_named_at_once(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    ws = _dvc_folder(tmp_path / "ws", "blocked", blocked={"url": str(tmp_path / "a-file" / "remote")})
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["prepare"].update(sft_data=str(tmp_path / "sft.jsonl"), preference_data="data/prefs.jsonl")
+    params["tracking"] = {**(params.get("tracking") or {}), "uri": "http://127.0.0.1:9"}
+    with pytest.raises(ParamsError) as err:
+        check_services(ws, params)
+    lines = [line.strip() for line in str(err.value).splitlines()]
+    assert lines[0] == "the run cannot reach what it needs:" and len(lines) == 5, lines
+    assert "tracking server http://127.0.0.1:9" in lines[1] and "the DVC remote 'blocked'" in lines[2]
+    assert lines[3].startswith(f"prepare.sft_data = '{tmp_path / 'sft.jsonl'}': {tmp_path / 'sft.jsonl'}: no such file")
+    assert lines[4].startswith(f"prepare.preference_data = 'data/prefs.jsonl' (relative to the workspace {ws}): "
+                               f"{ws / 'data' / 'prefs.jsonl'}: no such file")
+
+
+def test_sources_that_exist_pass_relative_to_the_workspace(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sft.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "data" / "prefs").mkdir()
+    (tmp_path / "data" / "prefs" / "part-0.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    params = {"prepare": {"sft_data": "data/sft.jsonl", "preference_data": "data/prefs", "prompt_data": None}}
+    assert check_sources(tmp_path, params) == []
+    assert check_sources(tmp_path / "data", params)  # from elsewhere they are not there
+
+
+def _sources_as(uid: int, root: Path, params: dict) -> list[str]:
+    """:func:`check_sources` run in a child process as user ``uid`` (root reads every file, whatever its mode)."""
+    import json
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, check, report, exit without running pytest's teardown
+        code = 1
+        try:
+            os.close(read)
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(write, json.dumps(check_sources(root, params)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        out = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return json.loads(out)
+
+
+def test_an_unreadable_source_file_is_named_with_its_setting():
+    import os
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="rlhf-unreadable-"))  # under /tmp, not pytest's root-only tmp_path
+    try:
+        folder.chmod(0o755)
+        data = folder / "sft.jsonl"
+        data.write_text('{"prompt": "a", "completion": "b"}\n')
+        data.chmod(0o000)
+        params = {"prepare": {"sft_data": str(data)}}
+        problems = _sources_as(65534, folder, params) if os.geteuid() == 0 else check_sources(folder, params)
+        assert problems == [f"prepare.sft_data = '{data}': {data}: not readable (permission denied); "
+                            "fix prepare.sft_data in params.yaml or --set prepare.sft_data=..."]
+        data.chmod(0o644)
+        assert (_sources_as(65534, folder, params) if os.geteuid() == 0 else check_sources(folder, params)) == []
+    finally:
+        shutil.rmtree(folder)
