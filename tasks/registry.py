@@ -83,9 +83,24 @@ def register_model(
     # that URI through MLflow's global tracking URI (an MLflow TODO), i.e. a store other than this client's.
     version = client.create_model_version(name, logged.artifact_location, run_id=run_id,
                                           tags={k: str(v) for k, v in tags.items()}, model_id=logged.model_id)
+    note_version_on_logged_model(client, logged.model_id, name, version.version)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return version
+
+
+def note_version_on_logged_model(client: MlflowClient, model_id: str, name: str, version: str | int) -> None:
+    """List ``name`` ``version`` in the logged model's ``mlflow.modelVersions`` tag, where MLflow's UI looks for the
+    registered versions of a run's models. An ``mlflow server`` does it as it creates the version; a client writing
+    to a database store (the embedded SQLite default) does not, so it is done here (once: an entry already there stays)."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if any(entry.get("name") == name and str(entry.get("version")) == str(version) for entry in listed):
+        return
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, {"name": name, "version": str(version)}])})
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str = CHAMPION) -> ModelVersion | None:

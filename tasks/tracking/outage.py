@@ -143,6 +143,38 @@ def _log_inputs(client: MlflowClient, run_id: str, datasets: list[dict[str, Any]
                                             tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in datasets])
 
 
+REGISTERED_MODEL_TAGS = ("registered_model.name", "registered_model.version", "registered_model.uri")
+"""Tags of a pipeline run that registered a model version: its name, version and ``models:/<name>/<version>``."""
+
+
+def _logged_model_of(client: MlflowClient, version: Any) -> str | None:
+    """The id of the logged model a version was registered from: the output of the version's run whose files are
+    the version's source (a database registry store does not keep a version's ``model_id``)."""
+    if not version.run_id:
+        return None
+    for output in client.get_run(version.run_id).outputs.model_outputs:
+        if client.get_logged_model(output.model_id).artifact_location == version.source:
+            return output.model_id
+    return None
+
+
+def _link_registered_version(client: MlflowClient, run_id: str, name: str) -> None:
+    """Link the run to the version of model ``name`` that its pipeline run registered (version tag
+    ``pipeline.run_id`` = ``run_id``; the newest if several), if any: the version's logged model as an
+    output of the run (what MLflow's UI lists under the run's "Registered models") and
+    :data:`REGISTERED_MODEL_TAGS`. Resolved when sent, so a replayed journal links what the registry holds then."""
+    from mlflow.entities import LoggedModelOutput, RunTag
+
+    found = client.search_model_versions(f"name = '{name}' and tags.`pipeline.run_id` = '{run_id}'")
+    if not found:
+        return
+    version = max(found, key=lambda v: int(v.version))
+    if model_id := version.model_id or _logged_model_of(client, version):
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+    values = (name, str(version.version), f"models:/{name}/{version.version}")
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in zip(REGISTERED_MODEL_TAGS, values)])
+
+
 CALLS: dict[str, Callable[..., None]] = {
     "log_batch": _log_batch,
     "log_artifact": lambda client, run_id, path, artifact_path=None: client.log_artifact(run_id, path, artifact_path),
@@ -150,6 +182,7 @@ CALLS: dict[str, Callable[..., None]] = {
     "log_dict": lambda client, run_id, obj, name: client.log_dict(run_id, obj, name),
     "log_table": _log_table,
     "log_inputs": _log_inputs,
+    "link_registered_version": _link_registered_version,
     "set_terminated": lambda client, run_id, status: client.set_terminated(run_id, status=status),
 }
 """Every logging call a run makes, by name, with JSON arguments: sent live and replayed from a journal alike."""
