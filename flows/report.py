@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from rlhf_core.metrics import POLICY_HEADLINE
+from tasks.parent_run import ui_links
 from tasks.policies import POLICY_STAGES
 
 
@@ -47,10 +49,14 @@ def print_run_summary(result: dict[str, Any], console: Console | None = None) ->
     uri = result["tracking_uri"]
     console.print(f"\nMLflow parent run: [bold]{result['parent_run_id']}[/bold]")
     console.print("Where to look:")
-    if uri.startswith(("http://", "https://")):
+    if not uri.startswith(("http://", "https://")):
+        console.print(f"  mlflow ui --backend-store-uri {uri}      # then open the links below")
+    links = ui_links(uri, result["parent_run_id"], Path(result.get("workspace") or "."))
+    if links:  # on MLflow's model-training view (a fresh browser opens on GenAI's)
+        console.print(f"  {links['run']}      # this run: data, registered model, report", soft_wrap=True)
+        console.print(f"  {links['experiment']}      # every run: stages, curves, samples", soft_wrap=True)
+    elif uri.startswith(("http://", "https://")):
         console.print(f"  {uri}      # MLflow: runs, curves, samples, registered model")
-    else:
-        console.print(f"  mlflow ui --backend-store-uri {uri}      # runs, curves, samples, registered model")
     console.print("  dvc metrics show                          # metrics/*.json of every stage")
     console.print("  dvc plots show                            # training curves -> dvc_plots/index.html")
     console.print(f"  DVC remote push: {result['push'] or 'nothing new'}")

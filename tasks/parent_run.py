@@ -162,6 +162,17 @@ def ui_paths(experiment_id: str, run_id: str) -> dict[str, str]:
             "charts": f"{run}/model-metrics?{ML_VIEW}", "report": f"{run}/artifacts/{REPORT_PATH}?{ML_VIEW}"}
 
 
+def ui_links(tracking_uri: str, run_id: str, project_dir: Path) -> dict[str, str] | None:
+    """:func:`ui_paths` of a run, after ``tracking_uri`` when it is a server's (``http://127.0.0.1:5000/`` for the
+    ``mlflow ui`` of a local store); None when the run cannot be read (a server that is down)."""
+    try:
+        experiment_id = connect(project_dir, {"uri": tracking_uri}).client.get_run(run_id).info.experiment_id
+    except Exception:  # the summary is printed all the same
+        return None
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return {name: f"{base}/{path}" for name, path in ui_paths(experiment_id, run_id).items()}
+
+
 def run_description(evaluation: Mapping[str, Any], promotion: Mapping[str, Any] | None, *, ran: bool,
                     datasets: list[dict[str, Any]], registered_model: str, paths: Mapping[str, str] | None) -> str:
     """The parent run's description (``mlflow.note.content``, Markdown, shown at the top of its page): the
