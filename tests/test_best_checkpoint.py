@@ -32,7 +32,9 @@ def _train(toy, tmp_path, **cfg):
                        per_device_train_batch_size=8, max_length=32, progress=False, learning_rate=1e-2, rpo_alpha=0.0,
                        save_total_limit=None, **cfg)
     result = train_dpo(model, tokenizer, pref, pref.select(range(16)), config, log_fn=lambda m, s: logs.append((s, m)))
-    evals = {s: m for s, m in logs if "eval/loss" in m}
+    # Step 0 is the starting policy's evaluation (eval_on_start: the over-optimisation curve's origin), not a checkpoint.
+    assert any(s == 0 and "eval/loss" in m for s, m in logs)
+    evals = {s: m for s, m in logs if "eval/loss" in m and s > 0}
     return result, evals
 
 

@@ -44,7 +44,7 @@ def prompts():
 def config(tmp_path, **overrides) -> GRPOConfig:
     values = dict(output_dir=str(tmp_path / "grpo"), max_updates=2, prompts_per_update=4, num_generations=4, mini_batch_size=8,
                   forward_batch_size=16, learning_rate=1e-3, max_new_tokens=6, max_length=32, eval_steps=2, save_steps=2,
-                  progress=False)
+                  progress=False, eval_on_start=False)
     return GRPOConfig(**(values | overrides))
 
 
@@ -86,6 +86,39 @@ def test_logs_trl_metric_names_and_each_reward_part(tmp_path, tokenizer, prompts
     for name in (M.OBJECTIVE_SCORES, M.OBJECTIVE_KL, M.OBJECTIVE_GOLD, M.reward_part("length")):
         assert M.key(M.EVAL, name) in result.metrics, name
     assert result.updates == 2 and [p.name for p in saved_checkpoints(tmp_path / "grpo")] == ["checkpoint_2"]
+
+
+def test_evaluations_log_the_curve_point_with_the_reward_model_as_proxy_at_weight_zero(tmp_path, tokenizer, prompts):
+    """Over-optimisation curve: at each evaluation (the initial policy's too) the proxy is the reward model's score of
+    the held-out samples (given at reward_model_weight 0: scored, never optimised), with gold and KL."""
+    from rlhf_core.models.scalar_head import sequence_scores
+    from rlhf_core.rollout import sample_batch, tokenize_prompt_records
+    from rlhf_core.trainers.ppo import value_model_from_policy
+
+    reward_model = value_model_from_policy(build_tiny_causal_lm(tokenizer, TINY, seed=1), tokenizer.pad_token_id, seed=2)
+    logs: dict[int, dict] = {}
+    cfg = config(tmp_path, eval_on_start=True)
+    result = train_grpo(build_tiny_causal_lm(tokenizer, TINY), None, reward_model, tokenizer, *prompts, cfg,
+                        reward_fns={"length": build_reward("length", {"target": 3})}, monitor_fn=GoldReward(),
+                        log_fn=lambda m, s: logs.setdefault(s, {}).update(m))
+    curve = {s: m for s, m in logs.items() if M.key(M.EVAL, M.OVEROPT_KL) in m}
+    assert sorted(curve) == [0, 2]
+    for m in curve.values():
+        for name in (M.OVEROPT_PROXY, M.OVEROPT_GOLD, M.OVEROPT_KL, M.OVEROPT_SQRT_KL):
+            assert M.key(M.EVAL, name) in m, name
+        assert m[M.key(M.EVAL, M.OVEROPT_GOLD)] == m[M.key(M.EVAL, M.OBJECTIVE_GOLD)]
+    assert curve[0][M.key(M.EVAL, M.OVEROPT_KL)] == pytest.approx(0.0, abs=1e-6)
+    assert M.key(M.TRAIN, M.reward_part("reward_model")) not in logs[1]  # not optimised
+    # The final proxy, recomputed: the reward model's mean score of the trained policy's held-out samples (same seed).
+    held_out = tokenize_prompt_records(prompts[1], tokenizer, max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
+                                       what="eval")
+    batch = sample_batch(result.policy, tokenizer, [list(p) for p in held_out["prompt_input_ids"]],
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.forward_batch_size,
+                         seed=cfg.seed)
+    with torch.no_grad():
+        expected = sequence_scores(reward_model, batch.query_response, batch.attention_mask).float().mean().item()
+    assert curve[2][M.key(M.EVAL, M.OVEROPT_PROXY)] == pytest.approx(expected, abs=1e-5)
+    assert curve[2][M.key(M.EVAL, M.OVEROPT_PROXY)] != pytest.approx(curve[2][M.key(M.EVAL, M.OBJECTIVE_SCORES)])
 
 
 def test_resume_gives_identical_weights(tmp_path, tokenizer, prompts):

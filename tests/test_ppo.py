@@ -66,7 +66,7 @@ def models(tokenizer, seed: int = 0):
 def config(tmp_path, **overrides) -> PPOConfig:
     values = dict(output_dir=str(tmp_path / "ppo"), max_updates=2, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2,
                   forward_batch_size=8, learning_rate=1e-3, max_new_tokens=6, max_length=32, eval_steps=2, save_steps=2,
-                  missing_eos_penalty=None, progress=False)
+                  missing_eos_penalty=None, progress=False, eval_on_start=False)
     return PPOConfig(**(values | overrides))
 
 
@@ -180,7 +180,8 @@ def test_smoke_logs_every_metric_and_checkpoints(tmp_path, tokenizer, prompts):
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     logs: list[tuple[int, dict[str, float]]] = []
     sample_calls: list[tuple[int, list[dict]]] = []
-    cfg = config(tmp_path, max_updates=3, missing_eos_penalty=1.0, kl_control="adaptive", kl_target=0.01, kl_horizon=100)
+    cfg = config(tmp_path, max_updates=3, missing_eos_penalty=1.0, kl_control="adaptive", kl_target=0.01, kl_horizon=100,
+                 eval_on_start=True, n_eval_samples=100)
     result = train_ppo(policy, None, reward_model, tokenizer, train, evaluation, cfg,
                        reward_fn=length_reward, monitor_fn=GoldReward(), log_fn=lambda m, s: logs.append((s, m)),
                        samples_fn=lambda rows, s: sample_calls.append((s, rows)))
@@ -190,12 +191,25 @@ def test_smoke_logs_every_metric_and_checkpoints(tmp_path, tokenizer, prompts):
         for name in TRAIN_NAMES:
             assert math.isfinite(m[M.key(M.TRAIN, name)]), (name, m)
     eval_logs = [(s, m) for s, m in logs if M.key(M.EVAL, M.OBJECTIVE_SCORES) in m]
-    assert [s for s, _ in eval_logs] == [2, 3]
+    assert [s for s, _ in eval_logs] == [0, 2, 3]  # the initial policy (eval_on_start), every eval_steps, the end
     for name in EVAL_NAMES:
         assert math.isfinite(result.metrics[M.key(M.EVAL, name)])
     assert result.metrics == eval_logs[-1][1]
+    # The over-optimisation curve: a point at each evaluation, on every held-out prompt: the reward model's own score
+    # (not normalised, not the combined reward: raw score minus the length reward), the gold reward and the k1 KL.
+    for step, m in eval_logs:
+        rows = [r for r in result.samples if r["step"] == step]
+        assert len(rows) == len(evaluation)
+        for row in rows:
+            assert row["proxy_score"] == pytest.approx(row["raw_score"] - len(row["response"]) / 10, abs=1e-5)
+        assert m[M.key(M.EVAL, M.OVEROPT_PROXY)] == pytest.approx(sum(r["proxy_score"] for r in rows) / len(rows))
+        assert m[M.key(M.EVAL, M.OVEROPT_GOLD)] == pytest.approx(sum(r["gold_reward"] for r in rows) / len(rows))
+        assert m[M.key(M.EVAL, M.OVEROPT_KL)] == pytest.approx(sum(r["kl"] for r in rows) / len(rows))
+        assert m[M.key(M.EVAL, M.OVEROPT_SQRT_KL)] == pytest.approx(math.sqrt(max(m[M.key(M.EVAL, M.OVEROPT_KL)], 0.0)))
+    assert eval_logs[0][1][M.key(M.EVAL, M.OVEROPT_KL)] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference
+    assert eval_logs[-1][1][M.key(M.EVAL, M.OVEROPT_KL)] != eval_logs[0][1][M.key(M.EVAL, M.OVEROPT_KL)]
     # Samples: a few decoded rows per evaluation, passed on and returned.
-    assert [s for s, _ in sample_calls] == [2, 3]
+    assert [s for s, _ in sample_calls] == [0, 2, 3]
     assert result.samples == [row for _, rows in sample_calls for row in rows]
     assert {"prompt", "response", "score", "kl", "gold_reward"} <= set(result.samples[0])
     assert all(row["prompt"] in list(evaluation["prompt"]) for row in result.samples)
@@ -241,7 +255,7 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer, prompts):
     train, evaluation = prompts
     common = dict(max_updates=4, save_steps=2, eval_steps=2, gradient_accumulation_steps=2, mini_batch_size=2,
-                  kl_control="adaptive", kl_target=0.01, kl_horizon=100, missing_eos_penalty=1.0)
+                  kl_control="adaptive", kl_target=0.01, kl_horizon=100, missing_eos_penalty=1.0, eval_on_start=True)
 
     def run(out: str, log_fn):
         policy, reward_model = models(tokenizer)
@@ -270,9 +284,11 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
     resumed = run("resumed", lambda m, s: resumed_logs.setdefault(s, {}).update(m))
 
     # The curve before the checkpoint is replayed from it (the logs of the crashed process, timings included),
-    # the rest is trained: every update is there, as in the uninterrupted run.
-    assert sorted(resumed_logs) == [1, 2, 3, 4]
-    assert resumed_logs[1] == crashed_logs[1] and resumed_logs[2] == crashed_logs[2]
+    # the rest is trained: every update is there, as in the uninterrupted run, and the over-optimisation curve has
+    # its points at 0 (the initial policy), 2 and 4.
+    assert sorted(resumed_logs) == [0, 1, 2, 3, 4]
+    assert all(resumed_logs[s] == crashed_logs[s] for s in (0, 1, 2))
+    assert [s for s in sorted(resumed_logs) if M.key(M.EVAL, M.OVEROPT_KL) in resumed_logs[s]] == [0, 2, 4]
     assert [p.name for p in saved_checkpoints(tmp_path / "resumed")] == ["checkpoint_2", "checkpoint_4"]
     for name, tensor in _weights(straight.policy).items():
         assert torch.equal(tensor, _weights(resumed.policy)[name]), name
@@ -281,7 +297,7 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
     def deterministic(logs: dict) -> dict:  # wall-clock timings (timing/*) differ between any two runs
         return {k: v for k, v in logs.items() if not k.startswith("timing/")}
 
-    for step in (1, 2, 3, 4):
+    for step in (0, 1, 2, 3, 4):
         assert deterministic(resumed_logs[step]) == deterministic(straight_logs[step]), step
     assert "timing/generation" in resumed_logs[4]
     # Optimizer moments and our own state (adaptive β, reward normalisation, counter) match too.
@@ -296,7 +312,7 @@ def test_resume_gives_identical_weights_optimizer_and_state(tmp_path, tokenizer,
     for state in (state_a, state_b):  # the kept curves hold wall-clock timings, which differ between any two runs
         state["history"] = [(step, deterministic(metrics)) for step, metrics in state["history"]]
     assert state_a == state_b and state_a["update"] == 4 and state_a["kl_controller"]["value"] != PPOConfig.kl_coef
-    assert [step for step, _ in state_a["history"]] == [1, 2, 2, 3, 4, 4]  # train logs and the evaluations at 2 and 4
+    assert [step for step, _ in state_a["history"]] == [0, 1, 2, 2, 3, 4, 4]  # train logs and the evaluations at 0, 2, 4
     assert len(state_b["samples"]) == len(straight.samples) > 0
 
 

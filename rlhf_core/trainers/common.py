@@ -67,6 +67,20 @@ class BaseTrainConfig:
     """Prompt + completion tokens (see ``rlhf_core.data.tokenize.TruncationConfig``)."""
     progress: bool = True
     """Show progress bars."""
+    eval_on_start: bool = False
+    """Also evaluate the starting policy (step 0) on a fresh run: the origin of the over-optimisation curves
+    (``rlhf_core.overoptimization``) of the policy-training stages, whose default is ``True``."""
+    best_metric: str | None = None
+    """Output the policy of the evaluation that is best by this held-out metric (a name under ``eval/``, e.g. ``loss``,
+    ``rewards/accuracies``, ``objective/scores``, ``overopt/gold_reward``) instead of the last one (``None``)."""
+    greater_is_better: bool | None = None
+    """Direction of ``best_metric``; ``None``: lower is better for a name ending in ``loss``, higher for anything else."""
+
+    def best_is_greater(self) -> bool:
+        """``greater_is_better`` resolved (transformers' rule for ``None``)."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.best_metric or "").endswith("loss")
 
     def __post_init__(self) -> None:
         for name in ("learning_rate", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps", "max_length"):
@@ -92,11 +106,8 @@ class TrainConfig(BaseTrainConfig):
     """Longer prompts are cut keeping their end; ``None``: prompts are only bounded by ``max_length``."""
     lora: LoraSettings | None = None
     """Train LoRA adapters (peft) instead of all weights; merged into the saved model."""
-    best_metric: str | None = None
-    """Output the checkpoint that is best by this held-out metric (e.g. ``loss``, ``rewards/accuracies``: a name
-    under ``eval/``) instead of the last one (``None``); save_steps must then be a multiple of eval_steps."""
-    greater_is_better: bool | None = None
-    """Direction of ``best_metric``; ``None``: lower is better for a ``loss``, higher for anything else."""
+    # best_metric (BaseTrainConfig): transformers keeps and loads the best evaluated checkpoint, so save_steps must
+    # be a multiple of eval_steps; the starting policy's evaluation (eval_on_start) is not a checkpoint, not a candidate.
     extra_args: dict[str, Any] = field(default_factory=dict)
     """Any other ``transformers.TrainingArguments`` field, passed through (e.g. ``torch_compile``)."""
 
@@ -136,6 +147,7 @@ def training_arguments(cfg: TrainConfig, **overrides: Any) -> TrainingArguments:
         lr_scheduler_type=cfg.lr_scheduler_type,
         max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm is not None else 0.0,  # 0: the Trainer does not clip
         logging_steps=cfg.logging_steps,
+        eval_on_start=cfg.eval_on_start,  # run_training turns it off when resuming (step 0 is in the kept curve)
         eval_strategy="steps",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
@@ -253,6 +265,7 @@ def run_training(trainer: Trainer, cfg: TrainConfig) -> dict[str, float]:
     checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if checkpoint:
         print(f"[rlhf] resuming from {checkpoint}")
+        trainer.args.eval_on_start = False  # the step-0 evaluation is in the checkpoint's log history, replayed
     with special_token_ids_kept(trainer.model):
         trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state

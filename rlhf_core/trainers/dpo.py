@@ -26,6 +26,7 @@ from rlhf_core.data.collate import PreferenceCollator
 from rlhf_core.data.tokenize import TruncationConfig, tokenize_preference
 from rlhf_core.logprobs import scored_token_counts, sequence_logprobs
 from rlhf_core.losses import DPO_LOSSES, dpo_loss
+from rlhf_core.reward_sources import RewardFn
 from rlhf_core.trainers.common import (
     LogFn,
     LogFnCallback,
@@ -35,6 +36,7 @@ from rlhf_core.trainers.common import (
     run_training,
     training_arguments,
 )
+from rlhf_core.trainers.curve_probe import CurveProbe, distinct_prompt_records
 from rlhf_core.trainers.lora_wrap import maybe_apply_lora
 from rlhf_core.trainers.offline_methods import (
     METHODS,
@@ -79,9 +81,25 @@ class DPOConfig(TrainConfig):
     rpo_alpha: float = 1.0
     """α of RPO (Pang et al. 2024; TRL's ``rpo_alpha``): adds α·NLL of the chosen completion (per
     token) to the DPO loss, so the chosen likelihood cannot collapse while the margin grows."""
+    eval_on_start: bool = True
+    """Also evaluate the starting policy (step 0): the origin of the over-optimisation curve."""
+    overopt_prompts: int = 128
+    """Distinct prompts of the eval split sampled at each evaluation for the over-optimisation curve (proxy, gold,
+    KL to the reference: ``rlhf_core.trainers.curve_probe``); 0: no curve. Needs the reward model (the stage loads it)."""
+    overopt_max_new_tokens: int = 12
+    """Response budget of those samples (prompts are left-truncated to ``max_length`` minus it)."""
+    overopt_temperature: float = 1.0
+    """Sampling temperature of those samples (and of the log-probs of their KL)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.overopt_prompts < 0:
+            raise ValueError(f"overopt_prompts must be >= 0 (0: no over-optimisation curve), got {self.overopt_prompts}")
+        if self.overopt_prompts and not 0 < self.overopt_max_new_tokens < self.max_length:
+            raise ValueError(f"overopt_max_new_tokens must be in (0, max_length={self.max_length}) to leave room for a "
+                             f"prompt, got {self.overopt_max_new_tokens}")
+        if self.overopt_temperature <= 0:
+            raise ValueError(f"overopt_temperature must be > 0, got {self.overopt_temperature}")
         if self.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.method not in METHODS:
@@ -130,6 +148,7 @@ def precompute_reference_logps(
 class DPOTrainer(StoredMetricsTrainer):
     dpo: DPOConfig
     ref_model: torch.nn.Module | None = None  # only for reference="live"
+    curve_probe: CurveProbe | None = None  # the over-optimisation curve's point at each evaluation
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dpo.reference == "precomputed":
@@ -214,6 +233,8 @@ class DPOTrainer(StoredMetricsTrainer):
             for name, value in {M.LOSS: losses.detach(), **stats}.items():
                 collected.setdefault(name, []).append(value.float().reshape(-1))  # scalars (nll_loss, kl) too
         means = {name: float(self.gather_across_processes(torch.cat(v)).mean()) for name, v in collected.items()}
+        if self.curve_probe is not None:
+            means.update(self.curve_probe(self.accelerator.unwrap_model(self.model)))
         return self.finish_evaluate(means, metric_key_prefix)
 
 
@@ -226,9 +247,18 @@ def train_dpo(
     log_fn: LogFn | None = None,
     ref_model: PreTrainedModel | None = None,
     callbacks: list | None = None,
+    reward_model: PreTrainedModel | None = None,
+    monitor_fn: RewardFn | None = None,
     **trainer_kwargs: Any,
 ) -> TrainResult:
-    """DPO-train ``model`` on normalised preference records; the reference is ``ref_model`` or ``model`` as given."""
+    """DPO-train ``model`` on normalised preference records; the reference is ``ref_model`` or ``model`` as given.
+
+    With a ``reward_model`` (and ``cfg.overopt_prompts`` > 0) every evaluation also samples the first
+    ``overopt_prompts`` distinct prompts of ``eval_data`` and logs the over-optimisation curve's point
+    (``eval/overopt/...``: reward-model score, ``monitor_fn``'s gold reward, KL to the starting policy).
+    """
+    if reward_model is not None and reward_model is model:
+        raise ValueError("train_dpo: reward_model must be a separate model from the trained policy")
     trunc = TruncationConfig(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     train_tok, train_stats = tokenize_preference(train_data, tokenizer, trunc)
     eval_tok, eval_stats = tokenize_preference(eval_data, tokenizer, trunc)
@@ -247,6 +277,12 @@ def train_dpo(
         fields = REF_FIELDS + ([KL_REF_FIELD] if cfg.method == "kto" else [])
     elif ref_model is None and cfg.lora is None:
         ref_model = copy.deepcopy(model)  # frozen snapshot of the starting policy
+    probe = None
+    if reward_model is not None and cfg.overopt_prompts > 0:  # KL to the given reference, else to the starting policy
+        probe = CurveProbe(ref_model if ref_model is not None else copy.deepcopy(model), reward_model, tokenizer,
+                           distinct_prompt_records(eval_data, cfg.overopt_prompts), max_length=cfg.max_length,
+                           max_new_tokens=cfg.overopt_max_new_tokens, temperature=cfg.overopt_temperature,
+                           batch_size=cfg.per_device_eval_batch_size, seed=cfg.seed, gold_fn=monitor_fn)
     model = maybe_apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
     trainer = DPOTrainer(
         model=model,
@@ -259,6 +295,7 @@ def train_dpo(
         **trainer_kwargs,
     )
     trainer.dpo = cfg
+    trainer.curve_probe = probe
     if cfg.reference == "live" and ref_model is not None:
         trainer.ref_model = ref_model.to(trainer.args.device)
     metrics = run_training(trainer, cfg)

@@ -13,10 +13,20 @@ limit; ``n`` is set to the update counter before each save, so a folder says whi
 Accelerate writes a checkpoint in place, and the registered state comes last
 (``custom_checkpoint_0.pkl``): a folder without it was cut short by a crash and is removed
 before resuming, so that ``load_state`` does not pick it.
+
+Best checkpoint (``best_metric``, as OpenRLHF and NeMo-RL offer): at each evaluation that improves
+the metric, the trained weights are written to ``<output_dir>/best/update_<n>.pt`` (outside the
+rotated checkpoints, so rotation cannot delete them) and the step, value and evaluation go into
+:class:`OnlineState`. A weights file is kept while the state or the newest saved checkpoint
+refers to it; a resume drops the files of evaluations after its checkpoint (they are re-run). At
+the end the trainer loads the best weights and reports that evaluation, ``checkpoint/best_step``
+and ``checkpoint/best_value``.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -28,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
+from rlhf_core import metrics as M
 from rlhf_core.trainers.common import BaseTrainConfig, LogFn, resolve_precision
 
 SamplesFn = Callable[[list[dict[str, Any]], int], None]
@@ -35,7 +46,10 @@ CHECKPOINTS = "checkpoints"
 """Accelerate's folder of automatically named checkpoints, under ``project_dir`` (= ``output_dir``)."""
 STATE_FILE = "custom_checkpoint_0.pkl"
 """Accelerate's file for the first registered object (the trainer's state), the last one a save writes."""
+BEST = "best"
+"""Folder of the best evaluation's weights (``best_metric``), under ``output_dir``: ``update_<n>.pt``."""
 _NUMBER = re.compile(r"^checkpoint_(\d+)$")
+_BEST_FILE = re.compile(r"^update_(\d+)\.pt$")
 
 
 @dataclass
@@ -48,14 +62,23 @@ class OnlineState:
     """Every ``(update, metrics)`` given to ``log_fn`` so far, replayed after a resume."""
     samples: list[dict[str, Any]] = field(default_factory=list)
     """Every evaluation's decoded samples so far."""
+    best_step: int | None = None
+    """``best_metric``: the update of the best evaluation so far (its weights: ``best/update_<n>.pt``)."""
+    best_value: float | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    """That evaluation's ``eval/...`` metrics."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"update": self.update, "history": list(self.history), "samples": list(self.samples)}
+        return {"update": self.update, "history": list(self.history), "samples": list(self.samples),
+                "best_step": self.best_step, "best_value": self.best_value, "best_metrics": dict(self.best_metrics)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.update = int(state["update"])
         self.history = list(state.get("history", []))
         self.samples = list(state.get("samples", []))
+        self.best_step = state.get("best_step")
+        self.best_value = state.get("best_value")
+        self.best_metrics = dict(state.get("best_metrics", {}))
 
 
 def project_configuration(cfg: BaseTrainConfig) -> ProjectConfiguration:
@@ -101,6 +124,12 @@ def resume_from_latest(accelerator: Accelerator) -> Path | None:
     return complete[-1]
 
 
+def best_weights_files(output_dir: str | Path) -> dict[int, Path]:
+    """``{update: best/update_<update>.pt}`` in ``output_dir``."""
+    root = Path(output_dir) / BEST
+    return {int(m.group(1)): p for p in root.glob("update_*.pt") if (m := _BEST_FILE.match(p.name))}
+
+
 def prepare_prompts_and_accelerator(cfg: Any, tokenizer: Any, train_prompts: Any, eval_prompts: Any, *, batch_prompts: int,
                                     batch_setting: str) -> tuple[Accelerator, Any, Any]:
     """Tokenise the prompt records, seed, build the Accelerator (mixed precision, accumulation, checkpoint
@@ -143,6 +172,8 @@ class OnlineLoop:
     state: OnlineState
     log_fn: LogFn | None
     samples_fn: SamplesFn | None
+    _best_in_checkpoint: int | None = None
+    """The best evaluation the newest saved checkpoint refers to (its weights file is kept until a newer save)."""
 
     @property
     def update(self) -> int:
@@ -163,8 +194,6 @@ class OnlineLoop:
         """An update's batch statistics averaged over processes, as ``train/<name>`` (one all-reduce)."""
         import torch
 
-        from rlhf_core import metrics as M
-
         names = list(per_batch)
         values = torch.stack([torch.as_tensor(per_batch[n], dtype=torch.float32, device=self.accelerator.device)
                               for n in names])  # (n,)
@@ -183,7 +212,73 @@ class OnlineLoop:
         raise NotImplementedError
 
     def evaluate(self) -> dict[str, float]:
+        """Evaluate the current policy on the held-out prompts: log and return its ``eval/...`` metrics, set ``eval_metrics``."""
         raise NotImplementedError
+
+    # --- best checkpoint (``best_metric``) ------------------------------------------------
+
+    def _best_key(self) -> str:
+        name = self.cfg.best_metric
+        return name if name.startswith(M.EVAL + "/") else M.key(M.EVAL, name)
+
+    def _best_file(self, update: int) -> Path:
+        return Path(self.accelerator.project_dir) / BEST / f"update_{update}.pt"
+
+    def _prune_best(self, keep: set[int | None]) -> None:
+        """Delete the best-weights files no one refers to (main process)."""
+        if self.accelerator.is_main_process:
+            for update, path in best_weights_files(self.accelerator.project_dir).items():
+                if update not in keep:
+                    path.unlink(missing_ok=True)
+
+    def keep_if_best(self, metrics: dict[str, float]) -> None:
+        """After an evaluation: when ``best_metric`` improved, save the weights and record the step, value and metrics."""
+        cfg = self.cfg
+        if cfg.best_metric is None:
+            return
+        key = self._best_key()
+        if key not in metrics:
+            known = sorted(k[len(M.EVAL) + 1:] for k in metrics if k.startswith(M.EVAL + "/"))
+            raise ValueError(f"best_metric {cfg.best_metric!r} is not one of {self.name}'s evaluation metrics {known}")
+        value = float(metrics[key])
+        best = self.state.best_value
+        better = math.isfinite(value) and (best is None or (value > best if cfg.best_is_greater() else value < best))
+        if not better:
+            return
+        weights = self.accelerator.get_state_dict(self.model)  # every process takes part (sharded models gather)
+        path = self._best_file(self.update)
+        if self.accelerator.is_main_process:
+            import torch
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".tmp")
+            torch.save(weights, partial)
+            os.replace(partial, path)  # complete or absent
+        self.accelerator.wait_for_everyone()
+        self.state.best_step, self.state.best_value, self.state.best_metrics = self.update, value, dict(metrics)
+        self._prune_best({self.state.best_step, self._best_in_checkpoint})
+
+    def load_best(self) -> None:
+        """Load the best evaluation's weights into the model and report that evaluation (``eval_metrics``)."""
+        state = self.state
+        if state.best_step is None:  # no finite value at any evaluation: the last policy stays
+            print(f"[rlhf] {self.name}: best_metric {self.cfg.best_metric!r} was never finite; the last policy is the output")
+            return
+        path = self._best_file(state.best_step)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the weights of the best evaluation (update {state.best_step}) are missing")
+        import torch
+
+        self.accelerator.unwrap_model(self.model).load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.eval_metrics = {**state.best_metrics, M.BEST_STEP: float(state.best_step), M.BEST_VALUE: float(state.best_value)}
+        print(f"[rlhf] {self.name}: output the policy of update {state.best_step} ({self.cfg.best_metric} = {state.best_value:.4g})")
+
+    def run_evaluation(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.keep_if_best(metrics)
+        return metrics
+
+    # --- the loop -------------------------------------------------------------------------
 
     def train(self) -> None:
         cfg = self.cfg
@@ -196,8 +291,14 @@ class OnlineLoop:
                         self.log_fn(metrics, step)
                 if self.samples_fn is not None and self.state.samples:
                     self.samples_fn(list(self.state.samples), self.update)
+            self._best_in_checkpoint = self.state.best_step
+            self._prune_best({self.state.best_step})  # evaluations after the checkpoint are run again
         else:
+            self._best_in_checkpoint = None
+            self._prune_best(set())  # left by an earlier run that did not resume
             self.start_fresh()
+            if cfg.eval_on_start:
+                self.run_evaluation()
         show = cfg.progress and self.accelerator.is_main_process
         bar = tqdm(total=cfg.max_updates, initial=self.update, desc=self.name, disable=not show)
         evaluated_at = -1
@@ -208,10 +309,14 @@ class OnlineLoop:
             if self.update % cfg.logging_steps == 0:
                 self.log(metrics, self.update)
             if self.update % cfg.eval_steps == 0 or self.update == cfg.max_updates:
-                self.evaluate()
+                self.run_evaluation()
                 evaluated_at = self.update
             if self.update % cfg.save_steps == 0 or self.update == cfg.max_updates:
                 save_checkpoint(self.accelerator, self.state)
+                self._best_in_checkpoint = self.state.best_step
+                self._prune_best({self.state.best_step})
         bar.close()
         if evaluated_at != self.update:  # resumed at the end: evaluate the final policy once
-            self.evaluate()
+            self.run_evaluation()
+        if cfg.best_metric is not None:
+            self.load_best()

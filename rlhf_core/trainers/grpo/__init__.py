@@ -63,7 +63,8 @@ def train_grpo(
     Args:
         policy: the SFT model; trained in place.
         ref_policy: frozen reference for the KL term and the reported KL; ``None``: a frozen copy of ``policy``.
-        reward_model: frozen scalar-head model (weight ``cfg.reward_model_weight``), or ``None``.
+        reward_model: frozen scalar-head model (weight ``cfg.reward_model_weight``), or ``None``. At weight 0 it is only
+            the proxy of the over-optimisation curve (scored at evaluations, never optimised).
         tokenizer: the policy's tokenizer (pad and eos tokens set).
         train_prompts / eval_prompts: prompt records.
         cfg: :class:`GRPOConfig`; checkpoints in ``<output_dir>/checkpoints/checkpoint_<update>``, the newest
@@ -72,6 +73,8 @@ def train_grpo(
         reward_weights: weight per reward function name (default 1).
         monitor_fn: reported only (``objective/gold_reward``), never optimised.
         log_fn: ``log_fn(metrics, update)``; samples_fn: ``samples_fn(rows, update)`` with decoded evaluation samples.
+
+    With ``cfg.best_metric`` the returned policy is the best evaluation's (``rlhf_core.trainers.online``).
     """
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("train_grpo: the tokenizer needs pad and eos tokens")

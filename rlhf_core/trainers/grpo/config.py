@@ -62,6 +62,8 @@ class GRPOConfig(BaseTrainConfig):
     """τ: sampling temperature, also dividing the logits of every log-prob."""
     eval_do_sample: bool = True
     """Evaluation samples one response per held-out prompt at ``temperature`` from a fixed seed; ``False``: greedy."""
+    eval_on_start: bool = True
+    """Also evaluate the initial policy (update 0) on a fresh run: the origin of the over-optimisation curve."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -22,7 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core import metrics as M
 from rlhf_core.logprobs import causal_lm_logits
 from rlhf_core.models.scalar_head import sequence_scores
-from rlhf_core.reward_sources import CombinedReward, RewardFn
+from rlhf_core.overoptimization import curve_metrics
+from rlhf_core.reward_sources import RM_PART, CombinedReward, RewardFn
 from rlhf_core.rl import group_advantages, grpo_loss, rloo_advantages
 from rlhf_core.rollout import (
     PROMPT_TEXT,
@@ -74,16 +75,26 @@ class GRPOTrainer(OnlineLoop):
         return batch, prompts
 
     @torch.no_grad()
+    def rm_scores(self, batch: SampledBatch) -> list[float]:
+        """(B,) the reward model's score of every response."""
+        return torch.cat([
+            sequence_scores(self.reward_model, batch.query_response[rows], batch.attention_mask[rows]).float()
+            for rows in chunks(len(batch), self.cfg.forward_batch_size)
+        ]).tolist()
+
+    @torch.no_grad()
     def rewards(self, batch: SampledBatch, prompts: list[str]) -> tuple[Tensor, dict[str, list[float]]]:
         """(B,) combined reward and each unweighted part (``reward_model`` and every reward function)."""
-        rm_scores = None
-        if self.reward.uses_reward_model:
-            rm_scores = torch.cat([
-                sequence_scores(self.reward_model, batch.query_response[rows], batch.attention_mask[rows]).float()
-                for rows in chunks(len(batch), self.cfg.forward_batch_size)
-            ]).tolist()
+        rm_scores = self.rm_scores(batch) if self.reward.uses_reward_model else None
         total, parts = self.reward.parts(prompts, batch.texts, rm_scores)
         return torch.tensor(total, dtype=torch.float32, device=batch.query_response.device), parts
+
+    def proxy_scores(self, batch: SampledBatch, rewards: Tensor, parts: dict[str, list[float]]) -> list[float]:
+        """(B,) the over-optimisation curve's proxy: the reward model's score (also at ``reward_model_weight`` 0, when a
+        reward model is given), else the combined reward that is optimised."""
+        if RM_PART in parts:
+            return parts[RM_PART]
+        return self.rm_scores(batch) if self.reward_model is not None else rewards.tolist()
 
     def advantages(self, rewards: Tensor) -> Tensor:
         """(B,) advantages of the rewards within their groups (``advantage`` and ``scale_rewards``)."""
@@ -172,7 +183,8 @@ class GRPOTrainer(OnlineLoop):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """One response per held-out prompt (fixed seed): mean reward, each part, KL to the reference, monitor."""
+        """One response per held-out prompt (fixed seed): mean reward, each part, KL to the reference, monitor, and the
+        over-optimisation curve's point (``eval/overopt/...``)."""
         cfg = self.cfg
         rows_all: list[dict[str, Any]] = []
         for start in range(0, len(self.eval_prompts), cfg.forward_batch_size):
@@ -183,9 +195,11 @@ class GRPOTrainer(OnlineLoop):
             ref = batch_response_logprobs(self.ref_policy, batch, cfg.temperature, cfg.forward_batch_size)
             kl = torch.where(batch.mask, logps - ref, 0.0).sum(dim=1)  # (B,) k1 KL per response
             gold = self.monitor_fn(prompts, batch.texts) if self.monitor_fn is not None else None
+            proxy = self.proxy_scores(batch, rewards, parts)
             for i, (prompt, text) in enumerate(zip(prompts, batch.texts)):
                 row = {"step": self.update, "prompt": prompt, "response": text, "score": float(rewards[i]), "kl": float(kl[i]),
-                       "length": int(batch.mask[i].sum()), **{f"reward/{n}": float(v[i]) for n, v in parts.items()}}
+                       "proxy_score": float(proxy[i]), "length": int(batch.mask[i].sum()),
+                       **{f"reward/{n}": float(v[i]) for n, v in parts.items()}}
                 if gold is not None:
                     row["gold_reward"] = float(gold[i])
                 rows_all.append(row)
@@ -200,6 +214,8 @@ class GRPOTrainer(OnlineLoop):
         metrics.update({M.key(M.EVAL, M.reward_part(k[len("reward/"):])): mean(k) for k in rows_all[0] if k.startswith("reward/")})
         if self.monitor_fn is not None:
             metrics[M.key(M.EVAL, M.OBJECTIVE_GOLD)] = mean("gold_reward")
+        metrics.update(curve_metrics([r["proxy_score"] for r in rows_all], [r["kl"] for r in rows_all],
+                                     [r["gold_reward"] for r in rows_all] if self.monitor_fn is not None else None))
         self.eval_metrics = metrics
         self.log(metrics, self.update)
         self.add_samples(rows_all[:4], self.update)

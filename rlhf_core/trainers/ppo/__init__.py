@@ -60,11 +60,14 @@ Implementation Details of RLHF with PPO"; OpenAI's lm-human-preferences is the r
     of them (``checkpoint``). Prompt batches are a pure function of ``(seed, update)``, so a
     resumed run ends with exactly the weights of an uninterrupted one.
 
-Evaluation (every ``eval_steps`` updates and at the end) samples one response per held-out
-prompt at the rollout temperature from a fixed seed (``eval_do_sample=True``, so evaluations at
-different steps see the same random numbers and do not touch the training RNG) or greedily, and
-reports the normalised score, the KL to the reference (k1, summed over response tokens) and the
-monitor (gold) reward.
+Evaluation (at update 0 with ``eval_on_start``, every ``eval_steps`` updates and at the end) samples
+one response per held-out prompt at the rollout temperature from a fixed seed (``eval_do_sample=True``,
+so evaluations at different steps see the same random numbers and do not touch the training RNG) or
+greedily, and reports the normalised score, the KL to the reference (k1, summed over response tokens)
+and the monitor (gold) reward, plus the point of the over-optimisation curve (``eval/overopt/...``:
+the reward model's raw score, gold, KL and sqrt(KL); ``rlhf_core.overoptimization``). With
+``best_metric`` the output is the policy (and value model) of the best evaluation
+(``rlhf_core.trainers.online``).
 """
 
 from rlhf_core.rollout import response_logprobs

@@ -84,8 +84,8 @@ class PPOConfig(BaseTrainConfig):
     """ε_v: value clip around the rollout values (detail 8)."""
     vf_coef: float = 0.1
     """c_1: weight of the value loss in ``L = L_policy + c_1·L_value``."""
-    eval_on_start: bool = False
-    """Also evaluate the initial policy (update 0) on a fresh run."""
+    eval_on_start: bool = True
+    """Also evaluate the initial policy (update 0) on a fresh run: the origin of the over-optimisation curve."""
     eval_do_sample: bool = True
     """Evaluation samples at ``temperature`` from a fixed seed; ``False``: greedy decoding."""
     n_eval_samples: int = 4

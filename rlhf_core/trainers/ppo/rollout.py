@@ -40,6 +40,8 @@ class Rollout(SampledBatch):
     """(B,) combined reward before normalisation and penalty."""
     scores: Tensor
     """(B,) normalised, penalised score: the reward at the last response token."""
+    proxy_scores: Tensor
+    """(B,) the reward model's own score (the proxy of the over-optimisation curves); ``raw_scores`` without a reward model."""
 
 
 @dataclass
@@ -71,23 +73,25 @@ class RolloutCollector:
         self.cfg, self.ref_policy, self.reward_model, self.reward, self.tokenizer = cfg, ref_policy, reward_model, reward, tokenizer
 
     @torch.no_grad()
-    def score(self, batch: SampledBatch, prompts: list[str], norm: RewardNorm) -> tuple[Tensor, Tensor]:
-        """(B,) raw combined reward and (B,) normalised + penalised score (details 1 and 3)."""
+    def score(self, batch: SampledBatch, prompts: list[str], norm: RewardNorm) -> tuple[Tensor, Tensor, Tensor]:
+        """(B,) raw combined reward, (B,) normalised + penalised score (details 1 and 3) and (B,) proxy score (the
+        reward model's, even at weight 0; the raw combined reward without a reward model)."""
         cfg = self.cfg
         rm_scores = None
-        if self.reward.uses_reward_model:
+        if self.reward_model is not None:
             rm_scores = torch.cat([
                 sequence_scores(self.reward_model, batch.query_response[rows], batch.attention_mask[rows]).float()
                 for rows in chunks(len(batch), cfg.forward_batch_size)
             ]).tolist()
-        raw = torch.tensor(self.reward(prompts, batch.texts, rm_scores), dtype=torch.float32,
-                           device=batch.query_response.device)  # (B,)
+        device = batch.query_response.device
+        raw = torch.tensor(self.reward(prompts, batch.texts, rm_scores), dtype=torch.float32, device=device)  # (B,)
+        proxy = torch.tensor(rm_scores, dtype=torch.float32, device=device) if rm_scores is not None else raw.clone()  # (B,)
         scores = norm(raw) if cfg.normalize_reward else raw.clone()
         penalty = cfg.missing_eos_penalty
         if penalty is not None:
             penalised = scores - penalty if cfg.missing_eos_mode == "subtract" else torch.full_like(scores, -penalty)
             scores = torch.where(batch.has_eos, scores, penalised)
-        return raw, scores
+        return raw, scores, proxy
 
     @torch.no_grad()
     def collect(self, model: PolicyAndValue, prompt_ids: list[list[int]], prompts: list[str], norm: RewardNorm, *,
@@ -112,12 +116,12 @@ class RolloutCollector:
             entropy = entropy_from_logits(response_columns(logits, n_query) / tau)  # (b, R)
             parts["entropy"].append(torch.where(mask[rows], entropy, 0.0).sum(dim=1))  # (b,)
             parts["ref_logprobs"].append(model_response_logprobs(self.ref_policy, ids, attn, n_query, tau))  # (b, R)
-        raw, scores = self.score(batch, prompts, norm)
+        raw, scores, proxy = self.score(batch, prompts, norm)
         # Wall time of the phases of a PPO step (bench/ppo_step.py reads them from the logs).
         timing = {"generation": generated - started, "scoring": time.perf_counter() - generated,
                   "generated_tokens": float(batch.response_mask.sum())}
         cat = {name: torch.cat(chunk) for name, chunk in parts.items()}
         rollout = Rollout(**{f.name: getattr(batch, f.name) for f in fields(SampledBatch)}, prompts=prompts,
                           logprobs=cat["logprobs"].float(), ref_logprobs=cat["ref_logprobs"].float(), values=cat["values"],
-                          entropy=cat["entropy"].float(), raw_scores=raw, scores=scores)
+                          entropy=cat["entropy"].float(), raw_scores=raw, scores=scores, proxy_scores=proxy)
         return rollout, timing

@@ -12,6 +12,7 @@ from accelerate.utils import gather_object
 from torch import Tensor, nn
 
 from rlhf_core import metrics as M
+from rlhf_core.overoptimization import curve_metrics
 from rlhf_core.reward_sources import RewardFn
 from rlhf_core.rl import (
     AdaptiveKLController,
@@ -164,7 +165,8 @@ class PPOTrainer(OnlineLoop):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Score one response per held-out prompt; log ``eval/...`` metrics and a few samples."""
+        """Score one response per held-out prompt; log ``eval/...`` metrics (the over-optimisation curve's point among
+        them: the raw reward-model score, gold and KL) and a few samples."""
         cfg = self.cfg
         rows_all: list[dict[str, Any]] = []
         for start in range(0, len(self.eval_prompts), cfg.forward_batch_size):
@@ -174,8 +176,8 @@ class PPOTrainer(OnlineLoop):
             gold = self.monitor_fn(ro.prompts, ro.texts) if self.monitor_fn is not None else None
             for i, (prompt, text) in enumerate(zip(ro.prompts, ro.texts)):
                 row = {"step": self.update, "prompt": prompt, "response": text, "score": float(ro.scores[i]),
-                       "raw_score": float(ro.raw_scores[i]), "kl": float(kl[i]), "length": int(ro.mask[i].sum()),
-                       "has_eos": bool(ro.has_eos[i])}
+                       "raw_score": float(ro.raw_scores[i]), "proxy_score": float(ro.proxy_scores[i]), "kl": float(kl[i]),
+                       "length": int(ro.mask[i].sum()), "has_eos": bool(ro.has_eos[i])}
                 if gold is not None:
                     row["gold_reward"] = float(gold[i])
                 rows_all.append(row)
@@ -191,6 +193,8 @@ class PPOTrainer(OnlineLoop):
             metrics[M.key(M.EVAL, M.OBJECTIVE_SCORES)] - self.state.kl_ctl.value * metrics[M.key(M.EVAL, M.OBJECTIVE_KL)])
         if self.monitor_fn is not None:
             metrics[M.key(M.EVAL, M.OBJECTIVE_GOLD)] = sum(r["gold_reward"] for r in rows_all) / n
+        metrics.update(curve_metrics([r["proxy_score"] for r in rows_all], [r["kl"] for r in rows_all],
+                                     [r["gold_reward"] for r in rows_all] if self.monitor_fn is not None else None))
         self.eval_metrics = metrics
         self.log(metrics, self.update)
         self.add_samples(rows_all[: cfg.n_eval_samples], self.update)
@@ -199,5 +203,3 @@ class PPOTrainer(OnlineLoop):
     def start_fresh(self) -> None:
         if self.cfg.normalize_reward:
             self.fit_reward_norm()
-        if self.cfg.eval_on_start:
-            self.evaluate()
