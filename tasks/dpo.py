@@ -1,5 +1,9 @@
 """Stage ``dpo``: offline preference optimisation of the SFT model (``dpo.method``: DPO with the SFT model as
-reference, or SimPO, ORPO, KTO); trained when ``dpo.train`` is true."""
+reference, or SimPO, ORPO, KTO); trained when ``dpo.train`` is true.
+
+Each evaluation also samples held-out prompts and scores them with the reward model, the gold reward (synthetic
+task) and the KL to the SFT model: the over-optimisation curve (``plots/dpo/overoptimization.*``, ``dpo.overopt_*``).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,26 @@ STAGE = "dpo"
 
 
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
-    from rlhf_core.models import load_causal_lm
+    from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.dpo import DPOConfig, train_dpo
+    from tasks.overoptimization import write_overoptimization
     from tasks.policies import selected, without_switch, write_not_selected
-    from tasks.training_io import run_training_stage
+    from tasks.training_io import gold_reward_fn, run_training_stage
 
     if not selected(params, STAGE):
         return write_not_selected(ws, STAGE)
+
+    def curve_inputs(tokenizer, cfg) -> dict:  # the proxy and gold rewards of the over-optimisation curve
+        if not cfg.overopt_prompts:
+            return {}
+        return {"reward_model": load_reward_model(str(ws.model("reward"))), "monitor_fn": gold_reward_fn(ws)}
+
     return run_training_stage(
         STAGE, without_switch(params, STAGE), ws, tracker, config_cls=DPOConfig, train_fn=train_dpo,
         make_model=lambda tokenizer, cfg: load_causal_lm(str(ws.model("sft"))),
         train_split="pref_train", eval_split="pref_test",
-        inputs=[ws.split("pref_train"), ws.split("pref_test"), ws.model("sft")],
+        inputs=[ws.split("pref_train"), ws.split("pref_test"), ws.model("sft"), ws.model("reward")],
+        train_kwargs=curve_inputs, after_curves=lambda curves: write_overoptimization(STAGE, curves, ws.plots(STAGE)),
     )
 
 

@@ -58,6 +58,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.trainers.grpo import GRPOConfig, train_grpo
     from tasks.launch import is_main_process
     from tasks.lengths import with_auto_lengths
+    from tasks.overoptimization import write_overoptimization
     from tasks.policies import selected, without_switch, write_not_selected
     from tasks.training_io import (
         CurveRecorder,
@@ -83,7 +84,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(ws)
-    reward_model = load_reward_model(str(ws.model("reward"))) if cfg.reward_model_weight else None
+    reward_model = load_reward_model(str(ws.model("reward")))  # also the proxy of the over-optimisation curve at weight 0
     curves = CurveRecorder(log_fn_of(tracker))
     gold = gold_reward_fn(ws)
     result = train_grpo(
@@ -94,6 +95,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     if not is_main_process():
         return result.metrics
     metrics = {**result.metrics, **lengths, "trained": 1, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}
+    metrics.update(write_overoptimization(STAGE, curves, ws.plots(STAGE)))
     return finish_online_stage(STAGE, ws, tracker, result, tokenizer, curves, ckpt, metrics)
 
 def main() -> None:

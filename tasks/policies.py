@@ -8,6 +8,7 @@ stage's own group, so turning one policy on re-runs that stage and what follows,
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from tasks.params import ParamsError
@@ -19,6 +20,8 @@ TRAIN_KEY = "train"
 DEFAULT_TRAIN = {"ppo": True, "dpo": True, "grpo": False}
 """``<stage>.train`` when the key is absent."""
 MARKER = "NOT_TRAINED"
+BLANK_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8/5+hHgAHggJ/PchI7wAAAABJRU5ErkJggg=="
+"""A 1×1 PNG: the over-optimisation plot ``dvc.yaml`` declares, for a policy that is not trained."""
 
 
 def selected(params: dict[str, Any], stage: str) -> bool:
@@ -48,7 +51,8 @@ def trained_policies(ws: Workspace) -> list[str]:
 def write_not_selected(ws: Workspace, stage: str) -> dict[str, Any]:
     """The outputs ``dvc.yaml`` declares for a policy stage switched off.
 
-    A ``NOT_TRAINED`` note where the model and reports would be, header-only curves, ``trained: 0``.
+    A ``NOT_TRAINED`` note where the model and reports would be, header-only curves, a blank over-optimisation plot,
+    ``trained: 0``.
     """
     import shutil
 
@@ -58,8 +62,9 @@ def write_not_selected(ws: Workspace, stage: str) -> dict[str, Any]:
         folder.mkdir(parents=True)
     for folder in (ws.model(stage), ws.reports(stage)):
         (folder / MARKER).write_text(note)
-    for curve in ("train.csv", "eval.csv"):
+    for curve in ("train.csv", "eval.csv", "overoptimization.csv"):
         (ws.plots(stage) / curve).write_text("step\n")
+    (ws.plots(stage) / "overoptimization.png").write_bytes(base64.b64decode(BLANK_PNG))
     metrics = {"trained": 0}
     write_json(ws.metrics(stage), metrics)
     print(f"[rlhf] {note.strip()}")

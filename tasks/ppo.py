@@ -23,6 +23,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
     from tasks.launch import is_main_process
     from tasks.lengths import with_auto_lengths
+    from tasks.overoptimization import write_overoptimization
     from tasks.policies import selected, without_switch, write_not_selected
     from tasks.training_io import (
         CurveRecorder,
@@ -65,6 +66,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         return result.metrics
     metrics = {**result.metrics, **lengths, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}
     metrics.update({f"reward_norm/{k}": v for k, v in result.reward_norm.items()})
+    metrics.update(write_overoptimization(STAGE, curves, ws.plots(STAGE)))
     return finish_online_stage(STAGE, ws, tracker, result, tokenizer, curves, ckpt, metrics)
 
 def main() -> None:

@@ -115,6 +115,8 @@ def run_training_stage(
     stage: str, params: dict[str, Any], ws: Workspace, tracker: Any, *, config_cls: type, train_fn: Callable,
     make_model: Callable[[Any, Any], Any], train_split: str, eval_split: str, inputs: list[Path],
     extra_metrics: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    train_kwargs: Callable[[Any, Any], dict[str, Any]] | None = None,
+    after_curves: Callable[[CurveRecorder], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Shared body of the ``sft``, ``reward`` and ``dpo`` stages.
 
@@ -123,7 +125,10 @@ def run_training_stage(
     ``checkpoints/<stage>/<key>``, saves the final model to ``models/<stage>`` atomically, writes
     curves and ``metrics/<stage>.json`` (with the ``lengths/...`` used), and removes the
     checkpoints once the model is saved (the model itself is versioned by DVC).
-    ``extra_metrics(metrics)`` adds stage-specific numbers derived from the trained ones.
+    ``extra_metrics(metrics)`` adds stage-specific numbers derived from the trained ones;
+    ``train_kwargs(tokenizer, cfg)`` gives ``train_fn`` more keyword arguments (DPO: the reward model and gold reward
+    of its over-optimisation curve); ``after_curves(curves)`` writes more under ``plots/<stage>`` (before they are
+    logged) and returns numbers for the metrics (DPO: ``tasks.overoptimization.write_overoptimization``).
     """
     import time
 
@@ -139,15 +144,18 @@ def run_training_stage(
     tokenizer = load_tokenizer(ws)
     model = make_model(tokenizer, cfg)
     curves = CurveRecorder(log_fn_of(tracker))
-    result = train_fn(model, tokenizer, load_split(ws, train_split), load_split(ws, eval_split), cfg, log_fn=curves)
+    more = train_kwargs(tokenizer, cfg) if train_kwargs is not None else {}
+    result = train_fn(model, tokenizer, load_split(ws, train_split), load_split(ws, eval_split), cfg, log_fn=curves, **more)
     if not is_main_process():
         return result.metrics
     save_model_atomically(result.model, tokenizer, ws.model(stage))
     curves.write(ws.plots(stage))
+    extra_outputs = after_curves(curves) if after_curves is not None else {}
     if tracker is not None:
         tracker.log_artifacts(str(ws.plots(stage)), "plots")
     metrics = {
         **result.metrics,
+        **extra_outputs,
         **tokenize_stats("data/train", result.train_stats),
         **tokenize_stats("data/eval", result.eval_stats),
         **lengths,
@@ -178,9 +186,10 @@ def distinct_prompts(ds):
 
 def finish_online_stage(stage: str, ws: Workspace, tracker: Any, result: Any, tokenizer: Any, curves: Any,
                         checkpoints: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The outputs of an online policy stage (PPO, GRPO), main process only: the policy (atomically), curves,
-    decoded evaluation samples (``reports/<stage>/samples.jsonl`` and MLflow), ``metrics/<stage>.json``; then
-    the checkpoints go (the model itself is versioned by DVC)."""
+    """The outputs of an online policy stage (PPO, GRPO), main process only: the policy (atomically), curves (with what
+    the stage wrote beside them, e.g. the over-optimisation curve), decoded evaluation samples
+    (``reports/<stage>/samples.jsonl`` and MLflow), ``metrics/<stage>.json``; then the checkpoints go (the model itself
+    is versioned by DVC)."""
     import json
 
     from tasks.workspace import write_json
