@@ -8,7 +8,9 @@ their stores keep it: gzip and zip files decompressed (torch checkpoints are zip
 longer than a page is split over overflow pages), Parquet files (their pages are compressed: every row and
 the metadata), and a git repository's objects through ``git cat-file`` (packs are compressed). Each secret
 is looked for as it is and base64-encoded (at the three byte alignments, standard and URL-safe alphabets),
-the way a serialised blob would carry it. A hit names the file, the layer it was found in and the offset.
+the way a serialised blob would carry it; runs of base64 text broken into lines (Prefect keeps pickled task
+results and exceptions so, under its local storage path) are also decoded and searched. A hit names the
+file, the layer it was found in and the offset.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import uuid
@@ -34,6 +37,9 @@ CANARY_ENV = {name: f"canary-{name.lower().replace('_', '-')}-{_TOKEN}" for name
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 CHUNK = 8 << 20
+BASE64_RUN = re.compile(rb"(?:[A-Za-z0-9+/=_-]|\r|\n|\\n){64,}")
+"""Base64 text of at least 48 bytes, possibly wrapped (real or JSON-escaped line breaks)."""
+DECODE_LIMIT = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,23 @@ def _decoded(path: Path, head: bytes, wanted: Mapping[bytes, str]) -> list[Hit]:
         hits += _sqlite(path, wanted)
     elif head.startswith(b"PAR1"):
         hits += _parquet(path, wanted)
+    if path.stat().st_size <= DECODE_LIMIT:
+        hits += _base64_runs(path.read_bytes(), wanted, path)
+    return hits
+
+
+def _base64_runs(data: bytes, wanted: Mapping[bytes, str], path: Path) -> list[Hit]:
+    """Matches inside each run of base64 text in ``data`` (line breaks dropped, either alphabet), decoded."""
+    hits: list[Hit] = []
+    for run in BASE64_RUN.finditer(data):
+        text = run.group().replace(b"\\n", b"").replace(b"\n", b"").replace(b"\r", b"").rstrip(b"=")
+        text = text.replace(b"-", b"+").replace(b"_", b"/")
+        text = text[: len(text) - len(text) % 4]
+        try:
+            decoded = base64.b64decode(text)
+        except ValueError:
+            continue
+        hits += _find(decoded, wanted, path, f"base64 text at byte {run.start()}")
     return hits
 
 

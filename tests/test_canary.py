@@ -54,7 +54,16 @@ def test_a_secret_across_a_chunk_boundary_is_found_once(tmp_path):
 def test_a_base64_encoded_secret_is_found_at_any_alignment(tmp_path, shift):
     blob = base64.b64encode(b"p" * shift + b'{"env": {"HF_TOKEN": "' + VALUE + b'"}}')
     (tmp_path / "state.json").write_bytes(b'{"result": "' + blob + b'"}')
-    assert [h.secret for h in search([tmp_path], CANARY_ENV).hits] == ["HF_TOKEN (base64)"]
+    found = {(h.layer, h.secret) for h in search([tmp_path], CANARY_ENV).hits}
+    assert found == {("raw", "HF_TOKEN (base64)"), ("base64 text at byte 12", "HF_TOKEN")}  # as it is, and decoded
+
+
+def test_base64_text_broken_into_lines_is_decoded(tmp_path):
+    pickled = base64.encodebytes(b"\x80\x04\x95" + b"q" * 100 + VALUE + b"r" * 100)  # 76-character lines
+    (tmp_path / "result").write_bytes(pickled)  # as Prefect keeps a task's pickled result or exception
+    (tmp_path / "record.json").write_text(json.dumps({"result": pickled.decode()}))  # the same inside JSON: "\n" escapes
+    hits = search([tmp_path], SECRET).hits
+    assert sorted((h.path.name, h.layer) for h in hits) == [("record.json", "base64 text at byte 12"), ("result", "base64 text at byte 0")]
 
 
 def test_compressed_files_are_searched_inside(tmp_path):

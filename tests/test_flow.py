@@ -34,6 +34,10 @@ def first_run(flow_ws, monkeypatch_module):
     from flows.alignment import alignment_flow
 
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from tests.canary import CANARY_ENV
+
+    for key, value in CANARY_ENV.items():  # secrets in the run's environment: test_no_secret_reaches_any_store
+        monkeypatch_module.setenv(key, value)
     result = alignment_flow(workspace=str(flow_ws))
     run(["git", "add", "-A"], flow_ws)
     run(["git", "commit", "-qm", "after first run"], flow_ws)
@@ -159,3 +163,40 @@ def test_a_failing_stage_fails_the_flow_names_it_and_keeps_earlier_outputs(flow_
     run(["dvc", "checkout"], flow_ws)
     assert list((flow_ws / "models" / "reward").glob("*.safetensors"))
     assert status_clean(flow_ws)
+
+
+def test_no_secret_reaches_any_store(flow_ws, first_run):
+    """Issue 14 item 7: the first run had canary values for the AWS keys and the MLflow and Hugging Face tokens in its
+    environment (and so had every stage process); none of them is in any store the run wrote: the workspace
+    (params.yaml, dvc.lock, metrics, plots, reports, logs, .rlhf, the DVC cache, git), the DVC remote, the MLflow
+    store (SQLite database and artifacts), the Prefect server's database (flow and task runs, their logs) and
+    Prefect's result storage. Searched raw and decoded (tests/canary.py)."""
+    import os
+    from urllib.parse import unquote, urlparse
+
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import get_current_settings
+
+    from tests.canary import CANARY_ENV, search
+
+    assert all(os.environ[key] == value for key, value in CANARY_ENV.items())  # what the run's processes inherited
+    client = MlflowClient(f"sqlite:///{flow_ws / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    artifacts = {Path(unquote(urlparse(uri).path)) for uri in [
+        *(r.info.artifact_uri for r in client.search_runs(experiments)),
+        *(m.artifact_location for m in client.search_logged_models(experiments))]}
+    artifacts = {a for a in artifacts if a.exists()}  # a run that logged no file has no folder
+    settings = get_current_settings()
+    prefect_db = Path(settings.server.database.connection_url.get_secret_value().split(":///", 1)[1])
+    stores = [flow_ws, flow_ws.parent / "ws-remote", prefect_db.parent,
+              *(a for a in artifacts if not a.is_relative_to(flow_ws)),
+              *([settings.results.local_storage_path] if settings.results.local_storage_path.exists() else [])]
+    found = search(stores, CANARY_ENV)
+    assert not found.hits, "\n".join(map(str, found.hits))
+    # The search saw what the run wrote there: the run's own records are found by the same search.
+    parent = first_run["parent_run_id"]
+    assert search([flow_ws / "mlflow.db"], {"parent run id": parent}).hits
+    assert search([prefect_db.parent], {"a stage's log line": "stage sft ran in"}).hits  # the flow run's logs
+    assert {flow_ws / "params.yaml", flow_ws / "dvc.lock", prefect_db} <= set(found.files)
+    assert any(".dvc/cache" in str(p) for p in found.files) and any("ws-remote" in str(p) for p in found.files)
+    assert any(str(a) in str(p) for a in artifacts for p in found.files)  # MLflow's artifacts
