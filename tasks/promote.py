@@ -13,12 +13,19 @@ The challenger is registered as a new version (alias ``@challenger``) with its l
 decision and its evidence as tags; ``@champion`` moves only on a win. Outputs:
 ``metrics/promote.json`` and ``reports/promote/decision.md`` (also on the stage run and the
 pipeline's parent run, whose tags ``promotion.*`` give the decision at a glance).
+
+The registry is read and written directly (not through the stage run's journal: a registration
+cannot wait for ``rlhf sync``). A tracking server that stops answering fails the stage with one
+:class:`~tasks.tracking.outage.TrackingUnavailable` saying which step it was in and what the
+registry holds because of it (:func:`registry_step`); running the pipeline again decides afresh.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -105,9 +112,12 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
 
     store = connect(ws.root, params.get("tracking"))
     client, name = store.client, store.registered_model
-    champion = version_by_alias(client, name, CHAMPION)
+    untouched = "nothing was registered and @champion did not move"
+    with registry_step(store.uri, "reading the champion", untouched):
+        champion = version_by_alias(client, name, CHAMPION)
     if champion is not None:
-        with downloaded_model(client, name, champion.version) as (model_dir, tokenizer_dir):
+        with registry_step(store.uri, f"downloading the champion (version {champion.version})", untouched), \
+                downloaded_model(client, name, champion.version) as (model_dir, tokenizer_dir):
             champ_tok = load_tokenizer_from(str(tokenizer_dir))
             champ_model = load_causal_lm(str(model_dir)).eval()
             champ_ids = encode_prompts(champ_tok, held.prompts, held.messages)
@@ -131,7 +141,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         "seconds": round(time.perf_counter() - started, 2),
     }
     if tracker is not None and cfg.register:
-        record.update(_register(params, ws, tracker, client, name, cfg.policy, tokenizer, record))
+        record.update(_register(params, ws, tracker, client, name, cfg.policy, tokenizer, record, store.uri))
     report = ws.reports(STAGE) / "decision.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(decision_report(record, cfg, name))
@@ -139,11 +149,35 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     print(f"[promote] {record['decision']}: " + ("; ".join(decision.reasons) or f"{cfg.policy} beats the {against}"), flush=True)
     if tracker is not None:
         tracker.log_artifact(report)
-        _tag_parent(client, report, record)
+        champion_now = f"version {record['champion_version']}" if record.get("champion_version") else "no version"
+        registered = (f"version {record['challenger_version']} of {name} is registered (@challenger) and @champion points at "
+                      f"{champion_now}" if record.get("challenger_version") else "nothing was registered (promote.register is false)")
+        with registry_step(store.uri, "tagging the pipeline's parent run with the decision",
+                           f"{registered}, as decided; the parent run lacks its promotion.* tags"):
+            _tag_parent(client, report, record)
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _register(params, ws: Workspace, tracker, client, name: str, policy: str, tokenizer, record: dict) -> dict[str, Any]:
+@contextmanager
+def registry_step(uri: str, doing: str, state: str) -> Iterator[None]:
+    """A step of promote that talks to the registry: a tracking server that stops answering during it
+    (:func:`~tasks.tracking.outage.is_outage`) becomes one :class:`~tasks.tracking.outage.TrackingUnavailable` naming
+    the server, the step and ``state``, what the registry holds because of it. Other errors pass through."""
+    from tasks.tracking.outage import TrackingUnavailable, is_outage, outage_reason
+
+    try:
+        yield
+    except Exception as err:
+        if not is_outage(err):
+            raise
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {uri} stopped answering ({outage_reason(err)}) while promote was {doing}: {state}. "
+            "Once it answers, run the pipeline again: promote runs again, decides afresh against the champion then in "
+            "service and registers a new version (`rlhf sync` sends what the stage run itself could not log).") from err
+
+
+def _register(params, ws: Workspace, tracker, client, name: str, policy: str, tokenizer, record: dict,
+              uri: str = "") -> dict[str, Any]:
     """Register the challenger (``@challenger``); on a win, point ``@champion`` at it. Returns the version facts."""
     from rlhf_core.models import load_causal_lm
     from tasks.registry import CHAMPION, register_model, set_alias
@@ -159,10 +193,18 @@ def _register(params, ws: Workspace, tracker, client, name: str, policy: str, to
         "pipeline.run_id": os.environ.get(PARENT_RUN_ENV, "") or tracker.run_id,
     }
     # Lineage and the decision with its evidence go on the version as it is created (one request).
-    version = register_model(client, tracker.run_id, load_causal_lm(str(ws.model(policy))), tokenizer, name,
-                             {**lineage, **promotion_tags(record)})
+    previous = f"version {record['previous_champion']}" if record["previous_champion"] else "no version"
+    with registry_step(uri, "registering the challenger",
+                       f"@champion did not move (it points at {previous}); the challenger may be partly registered: a "
+                       f"model logged on the promote run {tracker.run_id}, perhaps a version of {name} without the "
+                       f"@challenger alias (its tag pipeline.run_id is {lineage['pipeline.run_id']})"):
+        version = register_model(client, tracker.run_id, load_causal_lm(str(ws.model(policy))), tokenizer, name,
+                                 {**lineage, **promotion_tags(record)})
     if record["promoted"]:
-        set_alias(client, name, CHAMPION, version.version)
+        with registry_step(uri, f"moving @champion to version {version.version}",
+                           f"version {version.version} of {name} is registered (@challenger) and tagged as promoted, but "
+                           f"@champion may still point at {previous}"):
+            set_alias(client, name, CHAMPION, version.version)
     return {"challenger_version": version.version,
             "champion_version": version.version if record["promoted"] else record["previous_champion"]}
 

@@ -104,13 +104,16 @@ def note_version_on_logged_model(client: MlflowClient, model_id: str, name: str,
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str = CHAMPION) -> ModelVersion | None:
-    """The version ``name@alias`` points at, or None (no such model or alias yet)."""
+    """The version ``name@alias`` points at, or None (no such model or alias yet). Any other error raises: a
+    tracking server that does not answer is not "no champion" (promote would crown against the reference)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no such model; no such alias
+            return None
+        raise
 
 
 @contextmanager
