@@ -276,3 +276,27 @@ def test_a_server_down_at_the_end_gets_the_same_links_from_rlhf_sync(mlflow_serv
     sync_pending(project, lambda _uri: client)  # `rlhf sync` once the server is back
     assert pending_journals(project) == []
     _assert_linked(client, parent, version, promote_run, "view-policy-outage", tmp_path)
+
+
+def test_a_local_store_links_the_version_as_a_server_does(tmp_path):
+    """The embedded default (a SQLite store written by the client): no server notes the version on its logged
+    model, so ``register_model`` does, and the parent run links it the same way."""
+    from mlflow import MlflowClient
+
+    from tasks.registry import register_model
+    from tasks.tracking.outage import CALLS
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("local", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(experiment).info.run_id
+    promote = client.create_run(experiment).info.run_id
+    model, tokenizer = _tiny_policy()
+    version = register_model(client, promote, model, tokenizer, "local-policy", {"pipeline.run_id": parent})
+
+    (logged,) = [o.model_id for o in client.get_run(promote).outputs.model_outputs]
+    assert json.loads(client.get_logged_model(logged).tags["mlflow.modelVersions"]) == [
+        {"name": "local-policy", "version": str(version.version)}]
+    CALLS["link_registered_version"](client, parent, "local-policy")
+    run = client.get_run(parent)
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged]
+    assert run.data.tags["registered_model.uri"] == f"models:/local-policy/{version.version}"
