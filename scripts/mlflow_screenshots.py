@@ -5,9 +5,10 @@
 
 A ``sqlite:///`` store (default: the project's ``mlflow.db``) is served by a temporary ``mlflow server`` for
 the shots; an ``http(s)`` URI is used as it is. It opens, on MLflow's model-training view
-(``tasks.parent_run.ui_paths``), the experiment's runs, the pipeline parent run (datasets, registered model,
-tags), its charts and its one-page report, and writes ``experiment.png``, ``run.png``, ``charts.png`` and
-``report.png`` under ``--out`` (default ``docs/screenshots``), each reduced to a small palette PNG.
+(``tasks.parent_run.ui_paths``), the pipeline parent run (datasets, registered model, tags), its charts and
+its one-page report (and, with ``--pages experiment ...``, the experiment's runs), and writes ``run.png``,
+``charts.png``, ``report.png`` (``experiment.png``) under ``--out`` (default ``docs/screenshots``), each
+reduced to a small palette PNG.
 
 Needs Chromium (``apt-get install -y chromium``; or ``--browser PATH``). The MLflow UI is a JavaScript app whose
 charts load lazily: each page gets ``--wait`` seconds of real time before the shot.
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PAGES = ("experiment", "run", "charts", "report")
+README_PAGES = ("run", "charts", "report")
+"""The pages shot by default: those the README shows."""
 HEIGHTS = {"experiment": 700, "run": 1300, "charts": 1500, "report": 1500}
 """Viewport height of each shot (px)."""
 
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="rlhf-pipeline", help="where to look for the latest pipeline run")
     parser.add_argument("--run-id", help="the pipeline parent run (default: the latest finished one)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
-    parser.add_argument("--pages", nargs="+", choices=PAGES, default=list(PAGES))
+    parser.add_argument("--pages", nargs="+", choices=PAGES, default=list(README_PAGES))
     parser.add_argument("--browser")
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--wait", type=float, default=10.0, help="seconds the UI gets to load and draw a page")
