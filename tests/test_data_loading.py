@@ -76,10 +76,38 @@ def test_missing_path_like_source_fails_clearly_without_a_hub_call(tmp_path: Pat
         raise AssertionError("a path-like source must not be sent to the hub")
 
     monkeypatch.setattr(loading.datasets, "load_dataset", no_hub)
-    for source in ("data/missing.jsonl", str(tmp_path / "missing.parquet"), "./nope"):
+    monkeypatch.chdir(tmp_path)
+    for source in ("data/missing.jsonl", str(tmp_path / "missing.parquet"), "./nope", "prefs/", "org/name/", "data/prefs/train",
+                   "data\\prefs"):
         with pytest.raises(DataLoadError, match="no such file or folder") as err:
             load_records(source)
         assert source in str(err.value)
+
+
+@pytest.mark.parametrize(("text", "path"), [
+    ("imdb", False), ("some-org/some-dataset", False), ("Anthropic/hh-rlhf", False), ("org/name.v2", False),
+    ("prefs/", True), ("org/name/", True), ("data/prefs/train", True), ("data/prefs/", True), ("data\\prefs", True),
+    ("prefs\\", True), ("./prefs", True), ("../prefs", True), ("~/prefs", True), ("/abs/prefs", True), (".", True),
+    ("prefs.jsonl", True), ("org/rows.csv", True), ("my prefs", True), ("", True),
+])
+def test_looks_like_path_takes_only_name_or_org_name_for_a_hub_dataset(text: str, path: bool) -> None:
+    assert loading.looks_like_path(text) is path
+
+
+def test_a_relative_folder_that_exists_is_read_with_or_without_a_trailing_slash(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    builders = loading.datasets.load_dataset
+
+    def no_hub(name: str, *args, **kwargs):
+        assert name in ("json", "parquet"), f"an existing folder must not be sent to the hub as {name!r}"
+        return builders(name, *args, **kwargs)  # datasets' packaged file readers
+
+    monkeypatch.setattr(loading.datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prefs").mkdir()
+    _write(tmp_path / "prefs" / "a.jsonl", ROWS)
+    for source in ("prefs", "prefs/"):
+        assert load_records(source).to_list() == ROWS
 
 
 def test_other_names_go_to_the_hub_with_the_split(monkeypatch: pytest.MonkeyPatch) -> None:

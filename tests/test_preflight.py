@@ -181,6 +181,17 @@ def test_sources_that_exist_pass_relative_to_the_workspace(tmp_path):
     assert check_sources(tmp_path / "data", params)  # from elsewhere they are not there
 
 
+@pytest.mark.parametrize("source", ["prefs/", "data/prefs/train"])
+def test_a_missing_folder_in_a_path_form_is_named_as_a_path_not_asked_of_the_hub(tmp_path, source):
+    from tasks.sources import kind_of
+
+    problems = check_sources(tmp_path, {"prepare": {"preference_data": source}})
+    missing = tmp_path / source.rstrip("/")
+    assert problems == [f"prepare.preference_data = '{source}' (relative to the workspace {tmp_path}): {missing}: no such file or "
+                        "folder; fix prepare.preference_data in params.yaml or --set prepare.preference_data=..."]
+    assert kind_of(source) == "local"  # what the stages make of it
+
+
 def _sources_as(uid: int, root: Path, params: dict) -> list[str]:
     """:func:`check_sources` run in a child process as user ``uid`` (root reads every file, whatever its mode)."""
     import json

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,8 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl.gz", ".json.gz", ".jsonl", ".json
 """File endings ``load_records`` reads (longest first, so ``.jsonl.gz`` wins over ``.gz``)."""
 
 _PATH_HINT_SUFFIXES = (".gz", ".csv", ".tsv", ".txt", ".arrow", ".zip", ".bz2", ".xz", ".zst", ".yaml", ".yml")
+_HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
+"""The form of a hub dataset's name: ``name`` or ``org/name``, no trailing slash, no deeper folders."""
 
 
 class DataLoadError(ValueError):
@@ -125,8 +128,17 @@ def _builder(suffix: str) -> str:
 
 
 def looks_like_path(text: str) -> bool:
-    """True for strings a user meant as a local path (so a typo is not sent to the hub)."""
+    """True for strings a user meant as a local path (so a typo is not sent to the hub).
+
+    A hub dataset is named ``name`` or ``org/name``; any other form is a path, e.g. one that is
+    absolute, starts with ``./``, ``../`` or ``~``, ends in a separator (``prefs/``), is more than
+    one folder deep (``data/prefs/train``), holds a backslash, or ends in a data file's suffix. A
+    source that exists is read as a path before this is asked (relative to the folder the stages
+    run in, by :func:`local_files`, ``tasks.sources.kind_of`` and ``tasks.preflight.source_as_staged``).
+    """
     if text.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(text):
+        return True
+    if text in (".", "..") or not _HUB_NAME.fullmatch(text):
         return True
     return data_suffix(text) is not None or text.lower().endswith(_PATH_HINT_SUFFIXES)
 
