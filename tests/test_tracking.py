@@ -14,7 +14,7 @@ import yaml
 
 from tasks.parent_run import close_parent_run, download_run_record, log_parent_summary, open_parent_run
 from tasks.registry import register_model
-from tasks.tracking.client import PARENT_RUN_ENV, connect, resolve_tracking_uri
+from tasks.tracking.client import PARENT_RUN_ENV, connect, local_artifact_location, resolve_tracking_uri
 from tasks.tracking.dvc_hash import dvc_md5
 from tasks.tracking.gitinfo import git_info
 from tasks.tracking.outage import RunSink
@@ -56,6 +56,38 @@ def test_resolve_tracking_uri_precedence_and_absolute_paths(tmp_path, monkeypatc
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
     assert resolve_tracking_uri("http://tracking:5000", project) == "http://from-env:5000"
     assert resolve_tracking_uri(None, project) == "http://from-env:5000"
+
+
+def test_artifacts_of_a_local_store_go_to_the_workspace_whatever_the_working_directory(tmp_path, monkeypatch):
+    """MLflow puts a SQLite store's artifacts in ``./mlruns`` of the process that creates the experiment; the
+    project's client puts them next to the store: ``<workspace>/mlruns``, also from an isolated run's checkout."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    workspace, elsewhere = tmp_path / "ws", tmp_path / "elsewhere"
+    checkout = workspace / ".rlhf" / "runs" / "flow-1"  # an isolated run's checkout, tracking into the workspace's store
+    checkout.mkdir(parents=True)
+    (checkout / "params.yaml").write_text("dpo:\n  beta: 0.1\n")
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where MLflow's default ./mlruns would appear
+    artifacts = workspace / "mlruns"
+
+    parent = open_parent_run(checkout, {"uri": resolve_tracking_uri(None, workspace), "experiment": "isolated"},
+                             run_name="pipeline", tags={})
+    store = connect(checkout, {"uri": resolve_tracking_uri(None, workspace)})
+    store.client.log_text(parent, "parent", "notes/parent.txt")
+    with stage_run("sft", {}, project_dir=workspace, tracking=EXPERIMENT) as tracker:  # the workspace's default store
+        tracker.log_dict({"a": 1}, "config.json")
+
+    for experiment in ("isolated", EXPERIMENT["experiment"]):
+        assert store.client.get_experiment_by_name(experiment).artifact_location == artifacts.as_uri()
+    assert store.client.get_run(parent).info.artifact_uri == f"{artifacts.as_uri()}/{parent}/artifacts"
+    assert (artifacts / parent / "artifacts" / "notes" / "parent.txt").read_text() == "parent"
+    assert json.loads((artifacts / tracker.run_id / "artifacts" / "config.json").read_text()) == {"a": 1}
+    assert list(elsewhere.iterdir()) == [] and not (checkout / "mlruns").exists()
+    # A file store keeps them inside itself, a tracking server in its own root: the project does not choose
+    assert local_artifact_location(f"sqlite:///{workspace}/runs/m.db?timeout=5") == (workspace / "runs" / "mlruns").as_uri()
+    assert local_artifact_location(str(workspace / "filestore")) is None
+    assert local_artifact_location("http://tracking:5000") is None
 
 
 def test_git_info_reads_commit_dirty_and_branch(tmp_path):

@@ -48,6 +48,22 @@ def resolve_tracking_uri(configured: str | None = None, project_dir: Path | None
     return configured
 
 
+def local_artifact_location(uri: str) -> str | None:
+    """Where an experiment created in the store ``uri`` keeps its runs' and models' artifacts, when
+    the project must say it: ``mlruns/`` next to a SQLite database, as an absolute ``file://`` URI
+    (``<workspace>/mlruns`` for the default store), so the artifacts stay with the store whichever
+    folder the creating process runs in (MLflow would use that process's ``./mlruns``). ``None``
+    (the store's own choice) for any other store: a file store keeps artifacts inside itself, an
+    ``http(s)`` tracking server has its artifact root.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]  # sqlite:////abs/x.db -> "/abs/x.db"
+    if path in ("", ":memory:"):
+        return None
+    return (Path(path).resolve().parent / "mlruns").as_uri()
+
+
 @dataclass
 class TrackingConfig:
     """The ``tracking`` group of ``params.yaml``."""
@@ -93,14 +109,16 @@ class Tracking:
         return self.config.registered_model
 
     def experiment_id(self) -> str:
-        """Id of :attr:`experiment`, created if missing (tolerates a concurrent creator)."""
+        """Id of :attr:`experiment`, created if missing (tolerates a concurrent creator), with its artifacts
+        next to a SQLite store (:func:`local_artifact_location`)."""
         from mlflow.exceptions import MlflowException
 
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
         try:
-            return self.client.create_experiment(self.experiment, tags=EXPERIMENT_TAGS)
+            return self.client.create_experiment(self.experiment, artifact_location=local_artifact_location(self.uri),
+                                                 tags=EXPERIMENT_TAGS)
         except MlflowException:  # another stage process created it in between
             found = self.client.get_experiment_by_name(self.experiment)
             if found is None:
