@@ -40,7 +40,7 @@ from tasks import dvc_ops
 from tasks.isolation import isolated_checkout
 from tasks.params import apply_overrides, load_params
 from tasks.parent_run import close_parent_run, close_stale_runs_of, open_parent_run
-from tasks.tracking.client import PARENT_RUN_ENV, resolve_tracking_uri
+from tasks.tracking.client import PARENT_RUN_ENV, TRACKING_URI_ENV, resolve_tracking_uri
 from tasks.tracking.gitinfo import git_info
 from tasks.tracking.outage import TrackingUnavailable, pending_dir, pending_journals
 
@@ -54,16 +54,26 @@ def read_metrics(root: Path) -> dict[str, Any]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((root / "metrics").glob("*.json"))}
 
 
+def run_tracking(params: dict[str, Any], workspace: Path) -> dict[str, Any]:
+    """The ``tracking`` settings of a run whose parameters are ``params`` (``root``'s params.yaml with the overrides
+    applied), the URI resolved against ``workspace``: every run of a workspace tracks into the workspace's store, also
+    from an isolated checkout. The flow's service check, its parent run and its stages all use these."""
+    tracking = params.get("tracking") or {}
+    return {**tracking, "uri": resolve_tracking_uri(tracking.get("uri"), workspace)}
+
+
 @task(name="apply-overrides")
 def apply_overrides_task(root: str, overrides: list[str], push: bool = True, remote: str | None = None,
-                         tracking_uri: str | None = None) -> dict[str, Any]:
-    """The preflight (``tasks.preflight``: the settings, then the tracking server, the DVC remote when pushing and
-    the data sources), then the overrides written into ``root``'s params.yaml; nothing is written unless all pass."""
+                         workspace: str | None = None) -> dict[str, Any]:
+    """The preflight (``tasks.preflight``: the settings, then the tracking server of :func:`run_tracking`, the DVC
+    remote when pushing and the data sources) of the parameters with the overrides, then the overrides written into
+    ``root``'s params.yaml; nothing is written unless all pass. ``workspace``: the run's workspace (default ``root``)."""
     from tasks.preflight import check_params, check_services
 
     def check(params: dict[str, Any]) -> None:
         check_params(params)
-        check_services(Path(root), params, push=push, remote=remote, tracking_uri=tracking_uri)
+        check_services(Path(root), params, push=push, remote=remote,
+                       tracking_uri=run_tracking(params, Path(workspace or root))["uri"])
 
     changed = apply_overrides(Path(root) / "params.yaml", overrides, check=check)
     for key, (old, new) in changed.items():
@@ -153,15 +163,13 @@ def alignment_flow(
     """
     workspace_root = Path(workspace).resolve()
     name = flow_run.get_name() or "local"
-    tracking = load_params(workspace_root / "params.yaml").get("tracking") or {}
-    # Every run of a workspace tracks into the workspace's store, also from an isolated checkout.
-    tracking = {**tracking, "uri": resolve_tracking_uri(tracking.get("uri"), workspace_root)}
-    checkout = (isolated_checkout(workspace_root, ref, name, tracking_uri=tracking["uri"], echo=get_run_logger().info)
-                if ref else nullcontext(None))
+    checkout = isolated_checkout(workspace_root, ref, name, echo=get_run_logger().info) if ref else nullcontext(None)
     with checkout as isolated:
         root = str(isolated.root if isolated else workspace_root)
-        env = isolated.env if isolated else {}
-        changed = apply_overrides_task(root, overrides or [], push, remote, tracking["uri"])
+        changed = apply_overrides_task(root, overrides or [], push, remote, str(workspace_root))
+        # After the overrides: `--set tracking.uri=...` / `tracking.experiment=...` reach the parent run and the stages alike.
+        tracking = run_tracking(load_params(Path(root) / "params.yaml"), workspace_root)
+        env = {**isolated.env, TRACKING_URI_ENV: tracking["uri"]} if isolated else {}
         git = git_info(Path(root))
         flow_run_id = str(flow_run.get_id() or "")
         tags = {"prefect.flow_run_id": flow_run_id, "git.commit": str(git.get("commit")), "git.dirty": str(git.get("dirty")),

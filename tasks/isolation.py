@@ -30,7 +30,8 @@ class Checkout:
     """Where the stages run."""
     commit: str
     env: dict[str, str]
-    """Environment for the stage processes (tracking URI and ingest state of the workspace)."""
+    """Environment for the stage processes (where they run, the workspace's ingest state); the flow adds the
+    workspace's tracking URI once the run's overrides are applied (``flows.alignment.run_tracking``)."""
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -41,8 +42,7 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 @contextmanager
-def isolated_checkout(workspace: Path, ref: str, name: str, *, tracking_uri: str,
-                      echo: Callable[[str], None] = print) -> Iterator[Checkout]:
+def isolated_checkout(workspace: Path, ref: str, name: str, *, echo: Callable[[str], None] = print) -> Iterator[Checkout]:
     """A worktree of ``ref`` (a branch, tag or commit of ``workspace``'s repo) for one run named ``name``."""
     workspace = workspace.resolve()
     commit = _git(workspace, "rev-parse", "--verify", f"{ref}^{{commit}}")
@@ -55,7 +55,7 @@ def isolated_checkout(workspace: Path, ref: str, name: str, *, tracking_uri: str
         dvc_ops.dvc(root, "checkout", check=False)
         yield Checkout(root=root, commit=commit, env={
             "RLHF_WORKSPACE": str(root),  # stages read and write here, not in the worker's workspace
-            "MLFLOW_TRACKING_URI": tracking_uri, "RLHF_STATE_DIR": str(workspace / ".rlhf"),
+            "RLHF_STATE_DIR": str(workspace / ".rlhf"),
         })
     except BaseException:
         echo(f"the run's checkout is kept for inspection: {root} (remove it with `git worktree remove --force {root}`)")

@@ -90,6 +90,38 @@ def test_artifacts_of_a_local_store_go_to_the_workspace_whatever_the_working_dir
     assert local_artifact_location("http://tracking:5000") is None
 
 
+@pytest.mark.slow
+def test_set_tracking_reaches_the_parent_run_and_the_stages_alike(tmp_path, monkeypatch):
+    """The flow reads ``tracking`` after ``--set`` is applied (to the workspace's params.yaml, or to an isolated run's
+    checkout): its parent run and its stages' runs go to the overridden store and experiment, a relative store
+    path is the workspace's. One stage (ingest) per run."""
+    from mlflow import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.alignment import alignment_flow
+    from tests.workspace_factory import make_workspace
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    ws = make_workspace(tmp_path / "ws")
+    with prefect_test_harness(server_startup_timeout=120):
+        results = {mode: alignment_flow(workspace=str(ws), stages=["ingest"], push=False, ref=ref,
+                                        overrides=[f"tracking.uri=sqlite:///{mode}.db", f"tracking.experiment={mode}-runs"])
+                   for mode, ref in (("workspace", None), ("isolated", "HEAD"))}
+
+    assert not (ws / "mlflow.db").exists()  # the store params.yaml named before the overrides
+    for mode, result in results.items():
+        client = MlflowClient(f"sqlite:///{ws / f'{mode}.db'}")
+        assert result["tracking_uri"] == f"sqlite:///{ws / f'{mode}.db'}"
+        assert client.get_experiment_by_name("rlhf-pipeline") is None
+        experiment = client.get_experiment_by_name(f"{mode}-runs").experiment_id
+        parent = client.get_run(result["parent_run_id"])
+        assert parent.info.experiment_id == experiment and parent.info.status == "FINISHED"
+        assert parent.data.params["tracking.experiment"] == f"{mode}-runs"
+        (stage,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert stage.data.tags["stage"] == "ingest" and stage.info.status == "FINISHED"
+
+
 def test_git_info_reads_commit_dirty_and_branch(tmp_path):
     assert git_info(tmp_path) == {"commit": "unknown", "dirty": "unknown", "branch": "unknown"}
 
