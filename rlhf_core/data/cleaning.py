@@ -119,7 +119,7 @@ class InvalidRowsError(DataFormatError):
 def load_clean(
     source: str | Path,
     kind: str,
-    format: str = "auto",  # noqa: A002 -- the name params.yaml and normalize use
+    format: str = "auto",  # the name params.yaml and normalize use
     *,
     policy: str = "drop",
     source_name: str | None = None,
@@ -147,7 +147,7 @@ def load_clean(
     return result
 
 
-def clean(raw: RawRows, kind: str, format: str = "auto") -> CleanResult:  # noqa: A002
+def clean(raw: RawRows, kind: str, format: str = "auto") -> CleanResult:
     """Normalise and check every row of ``raw`` (see the module docstring for the rules and their order)."""
     _check_kind(kind)
     columns = raw.columns

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import datasets
 
-from rlhf_core.data.rules import HH_NO_ASSISTANT_TURN, HH_PROMPTS_DIFFER, RowRuleError as _RowError, type_rule
+from rlhf_core.data.rules import HH_NO_ASSISTANT_TURN, HH_PROMPTS_DIFFER, type_rule
+from rlhf_core.data.rules import RowRuleError as _RowError
 
 Kind = Literal["sft", "preference", "prompt"]
 Message = dict[str, str]
@@ -354,7 +356,7 @@ def detect_format(data: datasets.Dataset | tuple[Sequence[str], Mapping[str, Any
     )
 
 
-def normalize(dataset: datasets.Dataset, kind: Kind, format: str = "auto") -> datasets.Dataset:  # noqa: A002
+def normalize(dataset: datasets.Dataset, kind: Kind, format: str = "auto") -> datasets.Dataset:
     """Records of ``dataset`` in the normalised ``kind`` shape (only those columns, same row order).
 
     Args:

@@ -16,9 +16,10 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import datasets
 
@@ -219,7 +220,7 @@ def _load_files(files: list[str], *, label: str, shown: dict[str, str] | None = 
         raise DataLoadError(f"{label}: mixes JSON and Parquet files; keep one kind per folder")
     try:
         ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
-    except Exception as err:  # noqa: BLE001 -- datasets wraps parser errors in many types; re-raise with a location
+    except Exception as err:  # datasets wraps parser errors in many types; re-raise with a location
         raise _explain_failure(files, label, err, shown or {}) from err
     if len(ds) == 0:
         raise DataLoadError(f"{label}: no records")
@@ -268,7 +269,7 @@ def _json_problem(path: Path) -> str | None:
 def _load_hub(name: str, split: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(name, split=split)
-    except Exception as err:  # noqa: BLE001 -- offline, missing, gated: all mean "cannot load this name"
+    except Exception as err:  # offline, missing, gated: all mean "cannot load this name"
         raise DataLoadError(
             f"{name!r} is not a local file or folder, and loading it as a hub dataset (split {split!r}) failed: "
             f"{type(err).__name__}: {err}"

@@ -104,7 +104,7 @@ def _parquet_rows(path: Path, shown: str) -> list[RawRow]:
 
     try:
         records = pq.read_table(path).to_pylist()
-    except Exception as err:  # noqa: BLE001 -- pyarrow raises several types for a damaged file
+    except Exception as err:  # pyarrow raises several types for a damaged file
         raise DataLoadError(f"{shown}: cannot read as Parquet: {type(err).__name__}: {err}") from err
     return [RawRow(SourceRow(shown, i, INDEX), record) for i, record in enumerate(records)]
 
