@@ -3,8 +3,10 @@
 ``grpo.rewards`` names the reward functions (``rlhf_core.reward_registry``: ``gold`` on the
 synthetic task, ``rouge_l``/``bleu`` against the data's reference answers, ``format``, ``length``,
 or ``package.module:function``) with their weights; ``grpo.reward_model_weight`` adds the learned
-reward model. The policy trains only when ``grpo.train`` is true (off by default: ``rlhf run --set
-grpo.train=true``); otherwise the stage records that and writes no model, and ``evaluate`` leaves it out.
+reward model (loaded in any case: its score is the proxy of the over-optimisation curve,
+``plots/grpo/overoptimization.*``). The policy trains only when ``grpo.train`` is true (off by
+default: ``rlhf run --set grpo.train=true``); otherwise the stage records that and writes no model,
+and ``evaluate`` leaves it out.
 """
 
 from __future__ import annotations

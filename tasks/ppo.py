@@ -3,7 +3,8 @@
 The policy and the frozen reference are the SFT model; the value model starts from the reward
 model. With ``ppo.reward_fn: gold`` (synthetic task only) the gold reward is optimised beside
 (``reward_model_weight`` > 0) or instead of the learned one. On the synthetic task the gold
-reward is always monitored, so over-optimisation of the proxy shows in the curves.
+reward is always monitored, so over-optimisation of the proxy shows in the curves
+(``plots/ppo/overoptimization.*``: proxy and gold against sqrt(KL), with the fitted R(d)).
 """
 
 from __future__ import annotations

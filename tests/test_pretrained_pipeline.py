@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,30 @@ def test_every_stage_on_a_pretrained_folder(arch, tmp_path, tracking_uri):
         assert _metrics(ws, "validate")["lengths/validate.max_prompt_tokens"] == prepare["lengths/auto/validate.max_prompt_tokens"]
         assert _metrics(ws, "evaluate")["lengths/evaluate.max_new_tokens"] == prepare["lengths/preference/completion/p"]
     assert _metrics(ws, "evaluate")["n_prompts"] > 0 and _metrics(ws, "promote")["n_prompts"] > 0
+    _check_overoptimization_curves(ws)
+
+
+def _check_overoptimization_curves(ws: Workspace) -> None:
+    """Each policy stage's curve: a point (proxy, gold, KL) at every evaluation, the initial policy's first, as CSV,
+    plot and summary (peak gold) in its metrics."""
+    import csv
+
+    from rlhf_core import metrics as M
+
+    for policy, steps in (("ppo", [0, 2]), ("dpo", [0, 4, 8])):  # TINY: ppo evaluates at 0 and 2, dpo at 0, 4 and 8
+        rows = list(csv.DictReader((ws.plots(policy) / "overoptimization.csv").open()))
+        assert [int(r["step"]) for r in rows] == steps, policy
+        for row in rows:
+            for column in ("kl", "sqrt_kl", "proxy_reward", "gold_reward"):
+                assert math.isfinite(float(row[column])), (policy, row)
+        assert abs(float(rows[0]["kl"])) < 1e-5 and float(rows[-1]["kl"]) != float(rows[0]["kl"])  # from the reference
+        assert (ws.plots(policy) / "overoptimization.png").read_bytes()[:4] == b"\x89PNG"
+        metrics = _metrics(ws, policy)
+        gold = {int(r["step"]): float(r["gold_reward"]) for r in rows}
+        assert metrics[M.OVEROPT_N_POINTS] == len(steps)
+        assert metrics[M.OVEROPT_PEAK_GOLD] == pytest.approx(max(gold.values()))
+        assert gold[int(metrics[M.OVEROPT_PEAK_GOLD_STEP])] == pytest.approx(max(gold.values()))
+        assert metrics[M.key(M.EVAL, M.OVEROPT_GOLD)] == pytest.approx(gold[steps[-1]])  # the output policy's point
 
 
 def test_lora_with_auto_lengths_capped_by_a_short_context(tmp_path, tracking_uri, monkeypatch):

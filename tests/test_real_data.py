@@ -13,7 +13,9 @@ reward model's test trains longer and checks that it beats chance on held-out HH
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -90,6 +92,14 @@ def test_alpaca_and_hh_unedited_through_every_stage(pipeline, base_folder):
     ci = reward[M.key(M.EVAL, M.ci_low(M.ACCURACY))], reward[M.key(M.EVAL, M.ci_high(M.ACCURACY))]
     assert ci[0] <= reward[M.key(M.EVAL, M.ACCURACY)] <= ci[1]
     assert M.key(M.EVAL, M.BAYES_ACCURACY) not in reward  # real labels: no known noise ceiling
+
+    for policy in ("ppo", "dpo"):  # over-optimisation curves without a gold reward: proxy and KL at every evaluation
+        rows = list(csv.DictReader((ws.plots(policy) / "overoptimization.csv").open()))
+        assert [int(r["step"]) for r in rows][0] == 0 and len(rows) >= 2, policy
+        assert all(r["gold_reward"] == "" and math.isfinite(float(r["proxy_reward"])) for r in rows)
+        assert (ws.plots(policy) / "overoptimization.png").read_bytes()[:4] == b"\x89PNG"
+        assert M.OVEROPT_PEAK_GOLD_STEP not in stage_metrics(ws, policy)
+        assert stage_metrics(ws, policy)[M.OVEROPT_N_POINTS] == len(rows)
 
     evaluate = stage_metrics(ws, "evaluate")
     assert evaluate["n_prompts"] > 0 and "ppo/rm_score" in evaluate and "dpo/rm_score" in evaluate
