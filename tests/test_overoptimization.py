@@ -315,8 +315,10 @@ def test_best_from_before_the_checkpoint_is_the_output_after_a_resume(tiny_setup
 
 
 def test_an_unknown_best_metric_stops_at_the_first_evaluation(tiny_setup, tmp_path):
-    with pytest.raises(ValueError, match=r"best_metric 'objective/gold' is not one of grpo's evaluation metrics \[.*"
-                                         r"'objective/scores'"):
+    from rlhf_core.errors import UserFacingError
+
+    with pytest.raises(UserFacingError, match=r"grpo.best_metric 'objective/gold' is not one of grpo's evaluation "
+                                              r"metrics \[.*'objective/scores'"):
         run_online("grpo", tiny_setup, tmp_path / "grpo", best_metric="objective/gold")
     from rlhf_core.trainers.online import saved_checkpoints
 

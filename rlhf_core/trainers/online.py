@@ -39,6 +39,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from rlhf_core import metrics as M
+from rlhf_core.errors import UserFacingError
 from rlhf_core.trainers.common import BaseTrainConfig, LogFn, resolve_precision
 
 SamplesFn = Callable[[list[dict[str, Any]], int], None]
@@ -122,6 +123,10 @@ def resume_from_latest(accelerator: Accelerator) -> Path | None:
         return None
     accelerator.load_state()  # Accelerate picks the newest checkpoint_<n>
     return complete[-1]
+
+
+class BestMetricError(UserFacingError, ValueError):
+    """``best_metric`` names no metric of the trainer's evaluation (raised at the first evaluation)."""
 
 
 def best_weights_files(output_dir: str | Path) -> dict[int, Path]:
@@ -239,7 +244,8 @@ class OnlineLoop:
         key = self._best_key()
         if key not in metrics:
             known = sorted(k[len(M.EVAL) + 1:] for k in metrics if k.startswith(M.EVAL + "/"))
-            raise ValueError(f"best_metric {cfg.best_metric!r} is not one of {self.name}'s evaluation metrics {known}")
+            raise BestMetricError(f"{self.name}.best_metric {cfg.best_metric!r} is not one of {self.name}'s evaluation "
+                                  f"metrics {known}")
         value = float(metrics[key])
         best = self.state.best_value
         better = math.isfinite(value) and (best is None or (value > best if cfg.best_is_greater() else value < best))
