@@ -26,6 +26,18 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def sample_set_distinct_n(texts: Sequence[str], n: int, samples_per_prompt: int) -> float:
+    """Distinct-n of each set of one response per prompt (sample j of every prompt), averaged over the k sets.
+
+    ``texts`` are prompt-major (rows ``g·k … g·k + k − 1`` answer prompt ``g``). Pooling all P·k texts
+    would count a policy's k answers to the same prompt as repetition, so distinct-n would fall as k
+    grows; per set it measures what it measures with one sample per prompt (equal to
+    :func:`distinct_n` when k = 1).
+    """
+    k = samples_per_prompt
+    return sum(distinct_n(texts[j::k], n) for j in range(k)) / k
+
+
 def pairwise_wins(scores: Sequence[float], baseline: Sequence[float]) -> list[float]:
     """Per prompt: 1 where ``scores`` beats ``baseline``, ½ on a tie, 0 otherwise (their mean is :func:`win_rate`)."""
     return [1.0 if s > b else 0.5 if s == b else 0.0 for s, b in zip(scores, baseline)]
@@ -90,8 +102,8 @@ def evaluate_policy(
         M.KL_PER_SEQUENCE: sum(kl_seq) / len(kl_seq),
         M.KL_PER_TOKEN: sum(kl_tok) / len(kl_tok),
         M.MEAN_RESPONSE_LENGTH: sum(lengths) / len(lengths),
-        M.DISTINCT_1: distinct_n(batch.texts, 1),
-        M.DISTINCT_2: distinct_n(batch.texts, 2),
+        M.DISTINCT_1: sample_set_distinct_n(batch.texts, 1, samples_per_prompt),
+        M.DISTINCT_2: sample_set_distinct_n(batch.texts, 2, samples_per_prompt),
     }
     if gold is not None:
         metrics[M.GOLD_REWARD] = sum(gold) / len(gold)

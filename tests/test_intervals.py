@@ -125,8 +125,17 @@ def test_evaluate_samples_per_prompt_is_a_checked_setting():
     from tasks.heldout import EvaluateConfig
     from tasks.params import ParamsError, typed
 
-    assert EvaluateConfig().samples_per_prompt == 1
     assert typed({"evaluate": {"samples_per_prompt": 4}}, "evaluate", EvaluateConfig).samples_per_prompt == 4
     for bad, message in ((0, "evaluate: samples_per_prompt must be >= 1, got 0"), (1.5, "evaluate.samples_per_prompt")):
         with pytest.raises(ParamsError, match=message):
             typed({"evaluate": {"samples_per_prompt": bad}}, "evaluate", EvaluateConfig)
+
+
+def test_distinct_n_with_k_samples_is_per_sample_set():
+    from rlhf_core.evaluation import distinct_n, sample_set_distinct_n
+
+    texts = ["a b", "a b", "c d", "c d"]  # 2 prompts x 2 samples: each sample set is fully distinct
+    assert sample_set_distinct_n(texts, 1, 2) == 1.0 and distinct_n(texts, 1) == 0.5
+    assert sample_set_distinct_n(["a a", "b c"], 1, 1) == distinct_n(["a a", "b c"], 1) == 0.75
+    # hand count: set 0 = ["a a", "b b"] -> 2 unique of 4 unigrams; set 1 = ["a c", "b d"] -> 4 of 4
+    assert sample_set_distinct_n(["a a", "a c", "b b", "b d"], 1, 2) == (2 / 4 + 4 / 4) / 2
