@@ -19,7 +19,7 @@ class EvaluateConfig:
     seed: int = 0
     max_prompts: int = 200
     """The first this many held-out prompts (fewer when some leave no room for a response)."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = 4
     """k responses sampled per prompt and policy; means and intervals are over prompts × samples
     (two-level bootstrap), win rates pair sample j with SFT's sample j of the same prompt."""
     max_new_tokens: int = 16

@@ -58,10 +58,10 @@ LENGTH_NORMALISED = {"ipo"}  # loss types fed completion-token MEAN log-probs (A
 class DPOConfig(TrainConfig):
     """Offline preference optimisation settings (the ``dpo`` group of ``params.yaml``)."""
 
-    learning_rate: float = 2e-4
-    max_steps: int = 250
-    eval_steps: int = 125
-    save_steps: int = 125
+    learning_rate: float = 2e-3
+    max_steps: int = 150
+    eval_steps: int = 75
+    save_steps: int = 75
     method: str = "dpo"
     """The objective: ``dpo``, ``simpo``, ``orpo`` or ``kto`` (``offline_methods.METHODS``)."""
     beta: float = 0.1

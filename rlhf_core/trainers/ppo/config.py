@@ -31,7 +31,7 @@ class PPOConfig(BaseTrainConfig):
     save_steps: int = 10
     max_length: int = 48  # prompts are left-truncated to max_length − max_new_tokens
 
-    max_updates: int = 20
+    max_updates: int = 30
     """PPO updates (one rollout batch + ``ppo_epochs`` epochs of optimisation each)."""
     rollout_batch_size: int = 64
     """Prompts (one response each) per update and process."""
@@ -66,7 +66,7 @@ class PPOConfig(BaseTrainConfig):
     """Normalise advantages to mean 0, std 1 per batch (detail 6)."""
     kl_control: Literal["fixed", "adaptive"] = "fixed"
     """β fixed at ``kl_coef`` or adapted toward ``kl_target`` (detail 9)."""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.2
     """β (initial β when adaptive): weight of the per-token KL penalty."""
     kl_target: float = 6.0
     """KL_target in nats per response for the adaptive controller."""
