@@ -8,6 +8,7 @@ push/pull). A parameter change that re-runs only what follows it is tested throu
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -72,6 +73,12 @@ def test_full_repro_produces_every_output(workspace):
     samples = [json.loads(line) for line in (workspace / "reports" / "evaluate" / "samples.jsonl").read_text().splitlines()]
     sft_rows = [s for s in samples if s["policy"] == "sft"]
     assert [s["sample"] for s in sft_rows] == [0, 1, 0, 1] and sft_rows[0]["prompt"] == sft_rows[1]["prompt"] != sft_rows[2]["prompt"]
+    for stage in ("ppo", "dpo", "grpo"):  # over-optimisation curves: the initial policy, then each evaluation
+        rows = list(csv.DictReader((workspace / "plots" / stage / "overoptimization.csv").open()))
+        assert rows[0]["step"] == "0" and len(rows) >= 2 and all(r["kl"] and r["proxy_reward"] and r["gold_reward"] for r in rows), stage
+        assert (workspace / "plots" / stage / "overoptimization.png").stat().st_size > 0, stage
+        summary = json.loads((workspace / "metrics" / f"{stage}.json").read_text())
+        assert summary["overopt/peak_gold/step"] in {int(r["step"]) for r in rows}, stage
     promotion = json.loads((workspace / "metrics" / "promote.json").read_text())
     assert promotion["n_prompts"] == 24 and promotion["samples_per_prompt"] == 2
     assert "24 held-out prompts × 2 sample(s)" in (workspace / "reports" / "promote" / "decision.md").read_text()
