@@ -31,6 +31,7 @@ TINY = [
     "reward.max_steps=8", "reward.eval_steps=4", "reward.save_steps=4", "reward.logging_steps=2", "reward.per_device_train_batch_size=16",
     "dpo.max_steps=8", "dpo.eval_steps=4", "dpo.save_steps=4", "dpo.logging_steps=2", "dpo.per_device_train_batch_size=16",
     "evaluate.max_prompts=24", "evaluate.batch_size=24", "evaluate.max_new_tokens=8", "evaluate.n_samples_logged=4",
+    "evaluate.samples_per_prompt=1",  # the default 4 narrows intervals; tests check mechanics (test_pipeline_dvc uses 2)
     # Models this small barely move from SFT: the tests check promotion's mechanics, not the criteria's strictness.
     "promote.min_win_rate=0", "promote.confidence=0", "promote.max_kl=null",
 ]
