@@ -56,10 +56,22 @@ class Story:
         ids = []
         for i in range(concurrent):
             params = {"workspace": str(self.ws), "push": True, "overrides": (overrides or [[]])[i] if concurrent > 1 else overrides or []}
-            ids.append(self.api.post(f"/deployments/{self.deployments[deployment]['id']}/create_flow_run",
-                                     json={"parameters": params}).json()["id"])
+            ids.append(self.create_flow_run(deployment, params))
         prefect_cli(["worker", "start", "--pool", pool, "--run-once", "--limit", str(concurrent)], self.env, self.ws, timeout=600)
         return [self.record(fid) for fid in ids]
+
+    def create_flow_run(self, deployment: str, params: dict) -> str:
+        """A flow run of ``deployment``; a server error (its SQLite database busy under a loaded machine) is retried."""
+        import time
+
+        for attempt in range(4):
+            response = self.api.post(f"/deployments/{self.deployments[deployment]['id']}/create_flow_run",
+                                     json={"parameters": params})
+            if response.status_code < 500:
+                break
+            time.sleep(2 ** attempt)
+        assert response.status_code == 201, f"create_flow_run: HTTP {response.status_code}: {response.text[-2000:]}"
+        return response.json()["id"]
 
     def record(self, flow_run_id: str) -> dict:
         state = self.api.get(f"/flow_runs/{flow_run_id}").json()["state"]
