@@ -84,3 +84,45 @@ def test_markdown_table_escapes_pipes_and_rejects_ragged_rows() -> None:
 def test_cli_rejects_bad_arguments(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv)
+
+
+# --- bench/gpu.py: SFT/DPO tokens/s and MFU, rollout tokens/s against plain generate (tiny, on the CPU) ---
+
+
+def test_gpu_bench_tiny_runs_every_phase_and_reports_mfu(tmp_path: Path) -> None:
+    import json
+
+    from bench import gpu
+
+    out = gpu.main(["--tiny", "--device", "cpu", "--in-process", "--peak-tflops", "1", "--json", str(tmp_path / "gpu.json")])
+    assert json.loads((tmp_path / "gpu.json").read_text())["results"].keys() == {"sft", "dpo", "rollout"}
+    sft, dpo, rollout = (out["results"][p] for p in ("sft", "dpo", "rollout"))
+    # 2 layers, h 64, MLP 176, vocab 512, untied head: N = 2·(4·64² + 3·64·176) + 512·64; F = 6·N + 12·L·h·T, T = 32.
+    n_matmul = 2 * (4 * 64 * 64 + 3 * 64 * 176) + 512 * 64
+    assert out["matmul_parameters"] == n_matmul and out["parameters"] == n_matmul + 512 * 64 + (2 * 2 + 1) * 64
+    assert sft["flops_per_token"] == dpo["flops_per_token"] == 6 * n_matmul + 12 * 2 * 64 * 32
+    assert sft["tokens_per_step"] == 4 * 32 and dpo["tokens_per_step"] == 2 * 2 * 32  # DPO: chosen + rejected
+    for r in (sft, dpo):
+        assert r["timed_steps"] == 1 and r["tokens_per_s"] == pytest.approx(r["steps_per_s"] * r["tokens_per_step"])
+        assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == 2
+    # Step 1, policy = precomputed reference: DPO's ln 2 plus the RPO term, the chosen NLL of a near-uniform model (ln V).
+    assert dpo["losses"][0] == pytest.approx(math.log(2) + math.log(512), abs=0.1)
+    for name in ("plain", "grpo", "ppo"):
+        assert rollout[f"{name}_tokens_per_s"] > 0
+    assert rollout["grpo_ratio"] == pytest.approx(rollout["grpo_tokens_per_s"] / rollout["plain_tokens_per_s"])
+    report = gpu.format_report(out["results"], peak=1e12)
+    assert f"| {sft['flops_per_s'] / 1e12:.1%} |" in report  # MFU against the 1 TFLOP/s peak given
+    assert "| dpo |" in report and "| plain model.generate |" in report and "GRPO: rollout.sample_batch" in report
+
+
+def test_gpu_bench_peak_table_and_cli_checks() -> None:
+    from bench import gpu
+
+    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu.peak_flops("NVIDIA H200") == 989e12
+    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu.peak_flops("Tesla T4") is None and gpu.peak_flops("Tesla T4", 65.0) == 65e12
+    assert "n/a" in gpu.format_report({"sft": {"phase": "sft", "sequences_per_step": 1, "seq_len": 8, "steps_per_s": 1.0,
+                                               "tokens_per_s": 8.0, "flops_per_s": 1.0, "setup_s": 0.0, "peak_mb": 1.0}}, None)
+    for argv in (["--phases", "ppo"], ["--tiny", "--warmup", "2"], ["--tiny", "--rollout-rows", "3"], ["--heads", "3"]):
+        with pytest.raises(SystemExit):
+            gpu.parse_args(argv)
