@@ -23,6 +23,10 @@ __all__ = [
     "causal_lm_logits",
     "entropy_from_logits",
     "masked_token_logprobs",
+    "packed_causal_lm_logits",
+    "packed_scored_token_counts",
+    "packed_sequence_logprobs",
+    "per_sequence_sum",
     "position_ids_from_attention_mask",
     "selective_log_softmax",
     "sequence_logprobs",
@@ -217,6 +221,84 @@ def sequence_logprobs(
     if average:
         return total / mask[:, 1:].sum(-1).clamp(min=1)
     return total
+
+
+def packed_causal_lm_logits(model: nn.Module, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    """One forward pass over packed rows (``rlhf_core.data.packing``): ``(R, W)`` -> ``(R, W, V)`` logits.
+
+    No attention mask, on purpose: transformers then reads the sequence boundaries from ``position_ids``
+    (a restart at 0) and builds a block-diagonal causal mask. ``use_cache=False`` is required too: with a
+    cache (the default in eval mode) transformers skips that detection and one row is one sequence.
+    """
+    _check_same_shape(input_ids=input_ids, position_ids=position_ids)
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def per_sequence_sum(values: Tensor, sequence_ids: Tensor, n_sequences: int) -> Tensor:
+    """``out[s] = Σ_{t : sequence_ids[t] = s} values[t]``: per-token values summed per packed sequence.
+
+    Args:
+        values: ``(R, W')`` numbers (bool counts as 0/1).
+        sequence_ids: ``(R, W')`` owner of each position, -1 for none (ignored).
+        n_sequences: ``S``.
+
+    Returns:
+        ``(S,)`` sums, in ``values``' dtype (float32 for bool).
+    """
+    _check_same_shape(values=values, sequence_ids=sequence_ids)
+    values = values.float() if values.dtype == torch.bool else values
+    index = torch.where(sequence_ids >= 0, sequence_ids, n_sequences).flatten()  # (R·W',): -1 -> a spare bucket S
+    sums = values.new_zeros(n_sequences + 1).index_add(0, index, values.flatten())  # (S + 1,)
+    return sums[:n_sequences]
+
+
+def packed_sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    completion_mask: Tensor,
+    sequence_ids: Tensor,
+    n_sequences: int,
+    *,
+    average: bool = False,
+    temperature: float = 1.0,
+) -> Tensor:
+    """:func:`sequence_logprobs` of ``S`` sequences packed into rows: ``log π(y|x)`` of each, ``(S,)``.
+
+    Equal to ``sequence_logprobs`` on the same sequences padded (up to float rounding): a token is scored
+    where it is a completion token and not its sequence's first (``position_ids > 0``), so a sequence's
+    first token is never scored from the previous sequence's last logit.
+
+    Args:
+        model: causal LM that keeps packed sequences apart (``rlhf_core.trainers.padding_free``).
+        input_ids, position_ids, completion_mask, sequence_ids: ``(R, W)`` from ``data.packing.pack_sequences``.
+        n_sequences: ``S``.
+        average: divide by the number of scored completion tokens (at least 1).
+        temperature: ``τ > 0`` applied to the logits.
+
+    Returns:
+        ``(S,)`` summed (or averaged) completion log-probs, in the order of ``sequence_ids``.
+    """
+    _check_temperature(temperature)
+    mask = packed_scorable(completion_mask, position_ids, sequence_ids)  # (R, W)
+    logits = packed_causal_lm_logits(model, input_ids, position_ids)  # (R, W, V)
+    per_token = masked_token_logprobs(logits, input_ids, mask, temperature)  # (R, W-1): column t scores token t+1
+    owner = sequence_ids[:, 1:]  # (R, W-1): the sequence of token t+1
+    total = per_sequence_sum(per_token, owner, n_sequences)  # (S,)
+    if average:
+        return total / per_sequence_sum(mask[:, 1:], owner, n_sequences).clamp(min=1).to(total.dtype)
+    return total
+
+
+def packed_scored_token_counts(completion_mask: Tensor, position_ids: Tensor, sequence_ids: Tensor, n_sequences: int) -> Tensor:
+    """``(S,)`` number of tokens ``packed_sequence_logprobs`` scores per sequence (at least 1)."""
+    mask = packed_scorable(completion_mask, position_ids, sequence_ids)  # (R, W)
+    return per_sequence_sum(mask, sequence_ids, n_sequences).long().clamp(min=1)
+
+
+def packed_scorable(completion_mask: Tensor, position_ids: Tensor, sequence_ids: Tensor) -> Tensor:
+    """``(R, W)`` bool: completion tokens of a sequence that have a token of their own sequence before them."""
+    return completion_mask.bool() & (position_ids > 0) & (sequence_ids >= 0)
 
 
 def scored_token_counts(completion_mask: Tensor, attention_mask: Tensor) -> Tensor:

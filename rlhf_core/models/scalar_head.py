@@ -183,29 +183,45 @@ def _score_head(model: torch.nn.Module) -> torch.nn.Module:
         seen = inner
 
 
-def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_scores(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The scalar head applied at every position: s_t = w·h_t.
 
     The model is called through its own ``forward`` (so peft adapters, DDP/FSDP/DeepSpeed wrappers
     and their hooks all work) with ``position_ids`` from :func:`position_ids_from_mask`; a forward
     hook on ``score`` captures its per-token output before transformers pools it to one token.
+    Packed rows (``rlhf_core.data.packing``) pass ``attention_mask=None`` and their ``position_ids``:
+    transformers then keeps the sequences apart (see ``logprobs.packed_causal_lm_logits``).
 
     Args:
         model: a decoder ``*ForSequenceClassification`` with ``num_labels=1`` (possibly wrapped).
         input_ids: (B, T) token ids.
-        attention_mask: (B, T), 1 for real tokens, 0 for padding.
+        attention_mask: (B, T), 1 for real tokens, 0 for padding; ``None`` for packed rows.
+        position_ids: (B, T) packed rows' position ids (only with ``attention_mask=None``).
 
     Returns:
         (B, T) scores in the model's dtype; values at padded positions are meaningless (mask them).
     """
-    if input_ids.shape != attention_mask.shape:
+    if (attention_mask is None) == (position_ids is None):
+        raise ValueError("token_scores: pass an attention_mask (padded batch) or position_ids (packed rows), not both")
+    given = attention_mask if attention_mask is not None else position_ids
+    if input_ids.shape != given.shape:
         raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ in shape"
+            f"input_ids {tuple(input_ids.shape)} and attention_mask/position_ids {tuple(given.shape)} differ in shape"
         )
+    if attention_mask is not None:
+        kwargs = {"attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
+    else:  # without a cache: transformers skips packed-sequence detection when one is built (eval mode's default)
+        kwargs = {"position_ids": position_ids, "use_cache": False}
     captured: list[torch.Tensor] = []
     handle = _score_head(model).register_forward_hook(lambda _module, _inputs, output: captured.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        model(input_ids=input_ids, **kwargs)
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -232,3 +248,19 @@ def sequence_scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     scores = token_scores(model, input_ids, attention_mask)  # (B, T)
     last = last_token_index(attention_mask)  # (B,)
     return scores.gather(1, last.unsqueeze(1)).squeeze(1)  # (B, 1) -> (B,)
+
+
+def packed_sequence_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor
+) -> torch.Tensor:
+    """:func:`sequence_scores` of sequences packed into rows (``rlhf_core.data.packing.pack_sequences``).
+
+    Args:
+        input_ids, position_ids: (R, W) packed rows.
+        last_index: (S,) flat index ``row · W + column`` of each sequence's last token.
+
+    Returns:
+        (S,) scores, the score at each sequence's last token.
+    """
+    scores = token_scores(model, input_ids, None, position_ids=position_ids)  # (R, W)
+    return scores.flatten()[last_index]  # (R·W,) -> (S,)

@@ -106,6 +106,11 @@ class TrainConfig(BaseTrainConfig):
     """Longer prompts are cut keeping their end; ``None``: prompts are only bounded by ``max_length``."""
     lora: LoraSettings | None = None
     """Train LoRA adapters (peft) instead of all weights; merged into the saved model."""
+    padding_free: bool = True
+    """Pack each batch's sequences into rows without padding (``rlhf_core.data.packing``), position ids
+    restarting per sequence and no attention across sequences: the same losses as padded batches (to float
+    rounding), less compute on data of mixed lengths. Where the model cannot keep packed sequences apart
+    (``trainers.padding_free``: e.g. Bloom's ALiBi), the trainer says so and pads."""
     # best_metric (BaseTrainConfig): transformers keeps and loads the best evaluated checkpoint, so save_steps must
     # be a multiple of eval_steps; the starting policy's evaluation (eval_on_start) is not a checkpoint, not a candidate.
     extra_args: dict[str, Any] = field(default_factory=dict)

@@ -23,8 +23,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core import metrics as M
 from rlhf_core.data.collate import PreferenceCollator
+from rlhf_core.data.packing import PackedGroup, PackedPreferenceCollator
 from rlhf_core.data.tokenize import TruncationConfig, tokenize_preference
-from rlhf_core.logprobs import scored_token_counts, sequence_logprobs
+from rlhf_core.logprobs import (
+    packed_scored_token_counts,
+    packed_sequence_logprobs,
+    scored_token_counts,
+    sequence_logprobs,
+)
 from rlhf_core.losses import DPO_LOSSES, dpo_loss
 from rlhf_core.reward_sources import RewardFn
 from rlhf_core.trainers.common import (
@@ -47,6 +53,7 @@ from rlhf_core.trainers.offline_methods import (
     simpo_terms,
     with_mismatched_completions,
 )
+from rlhf_core.trainers.padding_free import padding_free_is_exact
 from rlhf_core.trainers.sft import TrainResult
 
 REF_FIELDS = ["ref_chosen_logps", "ref_rejected_logps"]
@@ -113,7 +120,11 @@ class DPOConfig(TrainConfig):
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion log-probs of chosen and rejected in one forward pass: (B,), (B,)."""
+    """Completion log-probs of chosen and rejected in one forward pass: (B,), (B,). The batch is padded or packed."""
+    packed = PackedGroup.from_batch(batch, "pairs")
+    if packed is not None:  # sequences 0..B-1 chosen, B..2B-1 rejected
+        return packed_sequence_logprobs(model, packed.input_ids, packed.position_ids, packed.completion_mask,
+                                        packed.sequence_ids, packed.n_sequences, average=average).chunk(2)
     input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
     attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])  # (2B, T)
     completion_mask = torch.cat([batch["chosen_completion_mask"], batch["rejected_completion_mask"]])  # (2B, T)
@@ -121,24 +132,52 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, averag
     return logps.chunk(2)
 
 
+def pair_token_counts(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scored completion tokens of chosen and rejected (``pair_logps(average=True)``'s divisors): (B,), (B,)."""
+    packed = PackedGroup.from_batch(batch, "pairs")
+    if packed is not None:
+        return packed_scored_token_counts(packed.completion_mask, packed.position_ids, packed.sequence_ids,
+                                          packed.n_sequences).chunk(2)
+    chosen, rejected = (scored_token_counts(batch[f"{side}_completion_mask"], batch[f"{side}_attention_mask"])
+                        for side in ("chosen", "rejected"))
+    return chosen, rejected
+
+
+def kl_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed completion log-probs of KTO's mismatched pairs (``kl_*`` or packed group ``kl``): (B,)."""
+    packed = PackedGroup.from_batch(batch, "kl")
+    if packed is not None:
+        return packed_sequence_logprobs(model, packed.input_ids, packed.position_ids, packed.completion_mask,
+                                        packed.sequence_ids, packed.n_sequences)
+    return sequence_logprobs(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
+
+
+def has_kl_pairs(batch: dict[str, torch.Tensor]) -> bool:
+    return "kl_input_ids" in batch or PackedGroup.from_batch(batch, "kl") is not None
+
+
 @torch.no_grad()
 def precompute_reference_logps(
     model: torch.nn.Module, tokenized: datasets.Dataset, pad_token_id: int, *, average: bool, batch_size: int,
-    desc: str = "reference log-probs",
+    desc: str = "reference log-probs", padding_free: bool = False,
 ) -> datasets.Dataset:
-    """Adds ``ref_chosen_logps``/``ref_rejected_logps`` (and, for KTO, ``ref_kl_logps``) scored by the (frozen) reference."""
+    """Adds ``ref_chosen_logps``/``ref_rejected_logps`` (and, for KTO, ``ref_kl_logps``) scored by the (frozen) reference.
+
+    ``padding_free``: score packed batches (only for a model that keeps packed sequences apart).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loader = DataLoader(tokenized, batch_size=batch_size, shuffle=False, collate_fn=PreferenceCollator(pad_token_id))
+    collator = (PackedPreferenceCollator if padding_free else PreferenceCollator)(pad_token_id)
+    loader = DataLoader(tokenized, batch_size=batch_size, shuffle=False, collate_fn=collator)
     chosen_all, rejected_all, kl_all = [], [], []
     for batch in tqdm(loader, desc=desc, leave=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         chosen, rejected = pair_logps(model, batch, average=average)
         chosen_all += chosen.float().cpu().tolist()
         rejected_all += rejected.float().cpu().tolist()
-        if "kl_input_ids" in batch:  # KTO's mismatched pairs
-            kl = sequence_logprobs(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
+        if has_kl_pairs(batch):  # KTO's mismatched pairs
+            kl = kl_logps(model, batch)
             kl_all += kl.float().cpu().tolist()
     model.train(was_training)
     out = tokenized.add_column(REF_FIELDS[0], chosen_all).add_column(REF_FIELDS[1], rejected_all)
@@ -171,7 +210,7 @@ class DPOTrainer(StoredMetricsTrainer):
         )
         if self.dpo.rpo_alpha > 0:
             # NLL per chosen completion token: sums back from the summed (or averaged) log-probs.
-            n_tokens = batch["chosen_completion_mask"].sum(-1).clamp(min=1).to(chosen.dtype)  # (B,)
+            n_tokens = pair_token_counts(batch)[0].to(chosen.dtype)  # (B,)
             nll = -(chosen if average else chosen / n_tokens)
             losses = losses + self.dpo.rpo_alpha * nll
         stats = {
@@ -186,24 +225,22 @@ class DPOTrainer(StoredMetricsTrainer):
 
     def _kl_estimate(self, model, batch) -> torch.Tensor:
         """KTO's reference point: mean of log π_θ − log π_ref on the batch's mismatched pairs, over all processes."""
-        args = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
         with torch.no_grad():
-            policy = sequence_logprobs(model, *args)  # (B,)
+            policy = kl_logps(model, batch)  # (B,)
             if self.dpo.reference == "precomputed":
                 ref = batch[KL_REF_FIELD].to(policy.dtype)
             elif self.ref_model is not None:
-                ref = sequence_logprobs(self.ref_model, *args)
+                ref = kl_logps(self.ref_model, batch)
             else:
                 with self.accelerator.unwrap_model(self.model).disable_adapter():
-                    ref = sequence_logprobs(model, *args)
+                    ref = kl_logps(model, batch)
         return self.accelerator.gather(policy - ref).mean()
 
     def _method_terms(self, model, batch):
         """SimPO, ORPO or KTO from one forward pass over the pairs (summed log-probs and token counts)."""
         cfg = self.dpo
         chosen, rejected = pair_logps(model, batch, average=False)
-        counts = [scored_token_counts(batch[f"{side}_completion_mask"], batch[f"{side}_attention_mask"])
-                  for side in ("chosen", "rejected")]
+        counts = pair_token_counts(batch)
         logps = PairLogps(chosen, rejected, counts[0].to(chosen.dtype), counts[1].to(chosen.dtype))
         if cfg.method == "simpo":
             losses, stats = simpo_terms(logps, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
@@ -266,12 +303,14 @@ def train_dpo(
         train_tok = with_mismatched_completions(train_tok, cfg.max_length)
         eval_tok = with_mismatched_completions(eval_tok, cfg.max_length)
     fields: list[str] = []
+    # Probed before LoRA wraps the model (adapters do not change how it positions tokens).
+    packed = cfg.padding_free and padding_free_is_exact(model, ref_model if ref_model is not model else None)
     if cfg.method not in NEEDS_REFERENCE:
         ref_model = None  # SimPO and ORPO are reference-free: no reference log-probs, no frozen copy
     elif cfg.reference == "precomputed":
         reference = ref_model if ref_model is not None else model
         average = cfg.loss_type in LENGTH_NORMALISED and cfg.method == "dpo"
-        kwargs = dict(average=average, batch_size=cfg.per_device_eval_batch_size)
+        kwargs = dict(average=average, batch_size=cfg.per_device_eval_batch_size, padding_free=packed)
         train_tok = precompute_reference_logps(reference, train_tok, tokenizer.pad_token_id, **kwargs)
         eval_tok = precompute_reference_logps(reference, eval_tok, tokenizer.pad_token_id, **kwargs)
         fields = REF_FIELDS + ([KL_REF_FIELD] if cfg.method == "kto" else [])
@@ -289,7 +328,8 @@ def train_dpo(
         args=training_arguments(cfg),
         train_dataset=train_tok,
         eval_dataset=eval_tok,
-        data_collator=WithScalarFields(PreferenceCollator(tokenizer.pad_token_id), fields),
+        data_collator=WithScalarFields((PackedPreferenceCollator if packed else PreferenceCollator)(tokenizer.pad_token_id),
+                                       fields),
         processing_class=tokenizer,
         callbacks=[LogFnCallback(log_fn), *(callbacks or [])],
         **trainer_kwargs,

@@ -11,9 +11,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core import metrics as M
 from rlhf_core.data.collate import PreferenceCollator
+from rlhf_core.data.packing import PackedGroup, PackedPreferenceCollator
 from rlhf_core.data.tokenize import TruncationConfig, tokenize_preference
 from rlhf_core.losses import reward_loss
-from rlhf_core.models.scalar_head import sequence_scores
+from rlhf_core.models.scalar_head import packed_sequence_scores, sequence_scores
 from rlhf_core.promotion import bootstrap_mean_interval
 from rlhf_core.trainers.common import (
     LogFn,
@@ -25,6 +26,7 @@ from rlhf_core.trainers.common import (
     training_arguments,
 )
 from rlhf_core.trainers.lora_wrap import maybe_apply_lora
+from rlhf_core.trainers.padding_free import padding_free_is_exact
 from rlhf_core.trainers.sft import TrainResult
 
 ACCURACY_INTERVAL = 0.95
@@ -46,7 +48,10 @@ class RewardConfig(TrainConfig):
 
 
 def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of chosen and rejected in one forward pass: (B,), (B,)."""
+    """Scores of chosen and rejected in one forward pass: (B,), (B,). The batch is padded or packed."""
+    packed = PackedGroup.from_batch(batch, "pairs")
+    if packed is not None:  # sequences 0..B-1 chosen, B..2B-1 rejected
+        return packed_sequence_scores(model, packed.input_ids, packed.position_ids, packed.last_index).chunk(2)
     input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
     attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])  # (2B, T)
     scores = sequence_scores(model, input_ids, attention_mask)  # (2B,)
@@ -112,13 +117,14 @@ def train_reward_model(
     train_tok, train_stats = tokenize_preference(train_data, tokenizer, trunc)
     eval_tok, eval_stats = tokenize_preference(eval_data, tokenizer, trunc)
     model = maybe_apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+    packed = cfg.padding_free and padding_free_is_exact(model, scalar_head=True)
     trainer = RewardTrainer(
         model=model,
         args=training_arguments(cfg),
         train_dataset=train_tok,
         eval_dataset=eval_tok,
         data_collator=WithScalarFields(
-            PreferenceCollator(tokenizer.pad_token_id), ["margin"] if "margin" in train_tok.column_names else []
+            (PackedPreferenceCollator if packed else PreferenceCollator)(tokenizer.pad_token_id), ["margin"] if "margin" in train_tok.column_names else []
         ),
         processing_class=tokenizer,
         callbacks=[LogFnCallback(log_fn), *(callbacks or [])],

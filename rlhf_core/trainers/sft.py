@@ -12,7 +12,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core import metrics as M
 from rlhf_core.data.collate import SFTCollator
+from rlhf_core.data.packing import PackedSFTCollator
 from rlhf_core.data.tokenize import TokenizeStats, TruncationConfig, tokenize_sft
+from rlhf_core.logprobs import packed_causal_lm_logits
 from rlhf_core.losses import sft_loss
 from rlhf_core.trainers.common import (
     LogFn,
@@ -23,6 +25,7 @@ from rlhf_core.trainers.common import (
     training_arguments,
 )
 from rlhf_core.trainers.lora_wrap import maybe_apply_lora
+from rlhf_core.trainers.padding_free import padding_free_is_exact
 
 
 @dataclass
@@ -50,13 +53,25 @@ def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return logits[:, :-1], targets, targets != -100
 
 
+def sft_terms(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean completion NLL, correct next-token guesses and scored tokens of a padded or packed batch.
+
+    A packed batch (``PackedSFTCollator``) has ``position_ids`` and no ``attention_mask``; its labels
+    already hide every sequence's first token, so the shift never scores across a boundary.
+    """
+    if "attention_mask" in inputs:
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    else:
+        logits = packed_causal_lm_logits(model, inputs["input_ids"], inputs["position_ids"])
+    logits, targets, mask = _shifted(logits, inputs["labels"])
+    loss = sft_loss(logits, targets, mask)
+    correct = ((logits.detach().argmax(-1) == targets) & mask).sum()
+    return loss, correct, mask.sum()
+
+
 class SFTTrainer(StoredMetricsTrainer):
     def _forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        logits, targets, mask = _shifted(logits, inputs["labels"])
-        loss = sft_loss(logits, targets, mask)
-        correct = ((logits.detach().argmax(-1) == targets) & mask).sum()
-        return loss, correct, mask.sum()
+        return sft_terms(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, correct, n_tokens = self._forward(model, inputs)
@@ -100,12 +115,13 @@ def train_sft(
     train_tok, train_stats = tokenize_sft(train_data, tokenizer, trunc)
     eval_tok, eval_stats = tokenize_sft(eval_data, tokenizer, trunc)
     model = maybe_apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
+    packed = cfg.padding_free and padding_free_is_exact(model)
     trainer = SFTTrainer(
         model=model,
         args=training_arguments(cfg),
         train_dataset=train_tok,
         eval_dataset=eval_tok,
-        data_collator=SFTCollator(tokenizer.pad_token_id),
+        data_collator=(PackedSFTCollator if packed else SFTCollator)(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[LogFnCallback(log_fn), *(callbacks or [])],
         **trainer_kwargs,
