@@ -58,7 +58,7 @@ def reward_functions(specs: Any, ws: Workspace) -> tuple[dict[str, Any], dict[st
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.grpo import GRPOConfig, train_grpo
-    from tasks.launch import is_main_process
+    from tasks.launch import barrier, is_main_process
     from tasks.lengths import with_auto_lengths
     from tasks.overoptimization import write_overoptimization
     from tasks.policies import selected, without_switch, write_not_selected
@@ -74,7 +74,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     )
 
     if not selected(params, STAGE):
-        return write_not_selected(ws, STAGE)
+        return write_not_selected(ws, STAGE) if is_main_process() else {"trained": 0}
     params, lengths = with_auto_lengths(without_switch(params, STAGE), ws, STAGE)  # max_new_tokens / max_length: auto
     options = group(params, STAGE)
     inputs = [ws.split("pref_train"), ws.split("prompts"), ws.model("sft"), ws.model("reward")]
@@ -94,6 +94,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         distinct_prompts(load_split(ws, "pref_train")), load_split(ws, "prompts"), cfg,
         reward_fns=fns, reward_weights=weights, monitor_fn=gold, log_fn=curves,
     )
+    barrier()  # every process is done with the checkpoints (best weights included) before rank 0 saves and removes them
     if not is_main_process():
         return result.metrics
     metrics = {**result.metrics, **lengths, "trained": 1, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}

@@ -22,7 +22,7 @@ STAGE_KEYS = ("reward_fn",)  # read by this stage; the rest of the group is rlhf
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
-    from tasks.launch import is_main_process
+    from tasks.launch import barrier, is_main_process
     from tasks.lengths import with_auto_lengths
     from tasks.overoptimization import write_overoptimization
     from tasks.policies import selected, without_switch, write_not_selected
@@ -38,7 +38,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     )
 
     if not selected(params, STAGE):
-        return write_not_selected(ws, STAGE)
+        return write_not_selected(ws, STAGE) if is_main_process() else {"trained": 0}
     params, lengths = with_auto_lengths(without_switch(params, STAGE), ws, STAGE)  # max_new_tokens / max_length: auto
     options = group(params, STAGE)
     reward_fn_name = options.get("reward_fn")
@@ -63,6 +63,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         value_model=value_model, reward_fn=gold if reward_fn_name == "gold" else None, monitor_fn=gold,
         log_fn=curves,
     )
+    barrier()  # every process is done with the checkpoints (best weights included) before rank 0 saves and removes them
     if not is_main_process():
         return result.metrics
     metrics = {**result.metrics, **lengths, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}

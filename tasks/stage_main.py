@@ -72,17 +72,18 @@ def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
     from rlhf_core.data.loading import DataLoadError
     from rlhf_core.errors import UserFacingError
     from tasks.dvc_ops import mark_stage_started, stage_outputs, stage_params
+    from tasks.launch import follow_launcher, is_main_process
     from tasks.tracking.stage_run import stage_run
 
+    follow_launcher()  # a worker of `accelerate launch` stops with its launcher
     redeliver_swallowed_interrupts()
-    mark_stage_started()  # DVC executed this stage's command: it ran (not skipped, not restored)
+    if is_main_process():
+        mark_stage_started()  # DVC executed this stage's command: it ran (not skipped, not restored)
     datasets.disable_progress_bars()  # per-map bars drown the training log in Prefect/CI output
     if torch_threads:
         limit_cpu_threads()
     ws = Workspace.here()
     started = time.perf_counter()
-    from tasks.launch import is_main_process
-
     try:
         params = load_params(ws.params_file)
         if not is_main_process():  # other ranks of `accelerate launch` train; rank 0 tracks and saves

@@ -132,7 +132,7 @@ def run_training_stage(
     """
     import time
 
-    from tasks.launch import is_main_process
+    from tasks.launch import barrier, is_main_process
     from tasks.lengths import with_auto_lengths
     from tasks.params import typed
     from tasks.workspace import write_json
@@ -146,6 +146,7 @@ def run_training_stage(
     curves = CurveRecorder(log_fn_of(tracker))
     more = train_kwargs(tokenizer, cfg) if train_kwargs is not None else {}
     result = train_fn(model, tokenizer, load_split(ws, train_split), load_split(ws, eval_split), cfg, log_fn=curves, **more)
+    barrier()  # every process is done with the checkpoints before rank 0 saves and removes them
     if not is_main_process():
         return result.metrics
     save_model_atomically(result.model, tokenizer, ws.model(stage))

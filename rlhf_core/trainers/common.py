@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -222,14 +223,32 @@ class StoredMetricsTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def eval_batches(self, eval_dataset=None) -> Iterator[dict[str, Any]]:
+        """Collated batches of this process's contiguous part of the eval set: each example once over all processes.
+
+        (The Trainer's eval loader repeats examples so that every process gets as many batches, and
+        ``gather_for_metrics`` drops the repeats only when called on every batch: sums and pair statistics would
+        count them.) Its parts, gathered in process order, are the eval set in order.
+        """
+        data = self.eval_dataset if eval_dataset is None else eval_dataset
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            data = data.shard(acc.num_processes, acc.process_index, contiguous=True)
+        yield from DataLoader(data, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+                              collate_fn=self.data_collator, pin_memory=self.args.dataloader_pin_memory)
+
     def sum_across_processes(self, *values: float) -> list[float]:
         """Sum per-process eval totals over all processes (a no-op on one)."""
         tensor = torch.tensor(values, dtype=torch.float64, device=self.args.device)
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
     def gather_across_processes(self, values: torch.Tensor) -> torch.Tensor:
-        """Concatenate per-process eval tensors (dropping the sampler's padding duplicates)."""
-        return self.accelerator.gather_for_metrics(values.to(self.args.device))
+        """Concatenate the per-process 1-D eval tensors (of :meth:`eval_batches`; lengths may differ) in process order."""
+        if self.accelerator.num_processes == 1:
+            return values
+        from accelerate.utils import gather_object
+
+        return torch.tensor(gather_object(values.tolist()), dtype=values.dtype, device=values.device)
 
 
 def latest_checkpoint(output_dir: str | Path) -> str | None:

@@ -265,7 +265,7 @@ class DPOTrainer(StoredMetricsTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         model = self.model.eval()
         collected: dict[str, list[torch.Tensor]] = {}
-        for batch in self.get_eval_dataloader(eval_dataset):
+        for batch in self.eval_batches(eval_dataset):
             losses, stats = self._batch_terms(model, self._prepare_inputs(batch))
             for name, value in {M.LOSS: losses.detach(), **stats}.items():
                 collected.setdefault(name, []).append(value.float().reshape(-1))  # scalars (nll_loss, kl) too

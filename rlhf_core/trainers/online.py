@@ -21,6 +21,15 @@ rotated checkpoints, so rotation cannot delete them) and the step, value and eva
 refers to it; a resume drops the files of evaluations after its checkpoint (they are re-run). At
 the end the trainer loads the best weights and reports that evaluation, ``checkpoint/best_step``
 and ``checkpoint/best_value``.
+
+Several processes (``accelerate launch``; batch sizes are per process): an update's prompts are the
+``per_process × N`` rows that ``prompt_rows`` draws from (seed, update), process ``p`` taking the
+``p``-th contiguous part; each ``generate`` call of a training rollout draws from a seed of its own,
+a function of (seed, update, its first row's place in the update's batch) (:func:`unit_seed`), not of
+the process that makes it; the held-out prompts are split into contiguous parts and sampled from
+seeds of their global place. So N processes given ``B`` prompts each sample what one process given
+``N·B`` does, and train on the same data: token means in the losses are taken over every process's
+tokens (:meth:`OnlineLoop.token_share`), whitening over every process's batch (PPO).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from tqdm.auto import tqdm
 
 from rlhf_core import metrics as M
 from rlhf_core.errors import UserFacingError
+from rlhf_core.rollout import SampledBatch, prompt_rows, sample_batch
 from rlhf_core.trainers.common import BaseTrainConfig, LogFn, resolve_precision
 
 SamplesFn = Callable[[list[dict[str, Any]], int], None]
@@ -49,6 +59,8 @@ STATE_FILE = "custom_checkpoint_0.pkl"
 """Accelerate's file for the first registered object (the trainer's state), the last one a save writes."""
 BEST = "best"
 """Folder of the best evaluation's weights (``best_metric``), under ``output_dir``: ``update_<n>.pt``."""
+ROLLOUT, REWARD_NORM = 0, 1
+"""Streams of :func:`unit_seed`: training rollouts, and PPO's reward-normalisation rollouts."""
 _NUMBER = re.compile(r"^checkpoint_(\d+)$")
 _BEST_FILE = re.compile(r"^update_(\d+)\.pt$")
 
@@ -135,10 +147,65 @@ def best_weights_files(output_dir: str | Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in root.glob("update_*.pt") if (m := _BEST_FILE.match(p.name))}
 
 
+def unit_seed(seed: int, stream: int, update: int, row: int) -> int:
+    """Seed of the ``generate`` call that samples rows ``row, row + 1, …`` of an update's batch (``stream``: what is
+    sampled): the same whichever process makes the call."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, stream, update, row]).generate_state(1)[0])
+
+
+def contiguous_share(n: int, parts: int, index: int) -> range:
+    """Rows of part ``index`` of ``n`` rows cut into ``parts`` contiguous parts (the first ``n % parts`` one row longer)."""
+    size, extra = divmod(n, parts)
+    start = index * size + min(index, extra)
+    return range(start, start + size + (index < extra))
+
+
+def merge_sampled(parts: list[SampledBatch], pad_id: int) -> SampledBatch:
+    """One batch of several sampled batches: prompts left-padded, responses right-padded to the widest."""
+    import torch
+    from torch.nn.functional import pad
+
+    width_q = max(p.n_query for p in parts)
+    width_r = max(p.response_mask.shape[1] for p in parts)
+
+    def widen(t: Any, q: int, value: int) -> Any:  # (b, q + r) -> (b, Q + R)
+        return torch.cat([pad(t[:, :q], (width_q - q, 0), value=value), pad(t[:, q:], (0, width_r - (t.shape[1] - q)), value=value)], dim=1)
+
+    return SampledBatch(
+        query_response=torch.cat([widen(p.query_response, p.n_query, pad_id) for p in parts]),  # (B, Q+R)
+        attention_mask=torch.cat([widen(p.attention_mask, p.n_query, 0) for p in parts]),  # (B, Q+R)
+        n_query=width_q,
+        response_mask=torch.cat([pad(p.response_mask, (0, width_r - p.response_mask.shape[1])) for p in parts]),  # (B, R)
+        has_eos=torch.cat([p.has_eos for p in parts]),  # (B,)
+        texts=[t for p in parts for t in p.texts],
+    )
+
+
+def sample_rows(policy: Any, tokenizer: Any, prompt_ids: list[list[int]], *, batch_size: int, seed: int | None = None,
+                seed_of_row: Callable[[int], int] | None = None, **generation: Any) -> SampledBatch:
+    """``sample_batch`` of one response per prompt, ``batch_size`` rows per ``generate`` call.
+
+    With ``seed_of_row``, the call whose first row is ``i`` draws from ``seed_of_row(i)``: a row's
+    sample depends only on the rows of its call, so a batch split over processes in multiples of
+    ``batch_size`` samples what one process given the whole batch does. Else ``seed`` (``None``: the
+    global RNG) seeds all the calls in turn.
+    """
+    if seed_of_row is None:
+        return sample_batch(policy, tokenizer, prompt_ids, batch_size=batch_size, seed=seed, **generation)
+    parts = [sample_batch(policy, tokenizer, prompt_ids[i : i + batch_size], batch_size=batch_size, seed=seed_of_row(i),
+                          **generation) for i in range(0, len(prompt_ids), batch_size)]
+    return merge_sampled(parts, tokenizer.pad_token_id)
+
+
 def prepare_prompts_and_accelerator(cfg: Any, tokenizer: Any, train_prompts: Any, eval_prompts: Any, *, batch_prompts: int,
-                                    batch_setting: str) -> tuple[Accelerator, Any, Any]:
+                                    batch_setting: str) -> tuple[Accelerator, Any, Any, int]:
     """Tokenise the prompt records, seed, build the Accelerator (mixed precision, accumulation, checkpoint
-    naming) and shard the prompts over its processes; checks that each process has a batch of prompts."""
+    naming); checks that there are prompts for an update's batch (``batch_prompts`` per process).
+
+    Returns the Accelerator, every training prompt (an update's batch is drawn from all of them), this
+    process's contiguous part of the held-out prompts and the index of its first one among all."""
     from accelerate.utils import set_seed
 
     from rlhf_core.rollout import tokenize_prompt_records
@@ -154,14 +221,14 @@ def prepare_prompts_and_accelerator(cfg: Any, tokenizer: Any, train_prompts: Any
         step_scheduler_with_optimizer=False,  # stepped once per update, not per optimizer step
         project_config=project_configuration(cfg),
     )
-    train_tok = train_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=False)
-    eval_tok = eval_tok.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
-    if len(train_tok) < batch_prompts:
-        raise ValueError(f"train_prompts: {len(train_tok)} prompts per process after tokenisation, fewer than "
-                         f"{batch_setting}={batch_prompts}")
-    if len(eval_tok) == 0:
-        raise ValueError("eval_prompts: no prompt left after tokenisation")
-    return accelerator, train_tok, eval_tok
+    n_procs = accelerator.num_processes
+    if len(train_tok) < batch_prompts * n_procs:
+        raise ValueError(f"train_prompts: {len(train_tok)} prompts after tokenisation, fewer than {batch_setting}={batch_prompts}"
+                         + (f" × {n_procs} processes" if n_procs > 1 else ""))
+    share = contiguous_share(len(eval_tok), n_procs, accelerator.process_index)
+    if len(share) == 0:
+        raise ValueError(f"eval_prompts: {len(eval_tok)} prompts after tokenisation, fewer than the {n_procs} processes")
+    return accelerator, train_tok, eval_tok.select(share), share.start
 
 
 class OnlineLoop:
@@ -177,12 +244,30 @@ class OnlineLoop:
     state: OnlineState
     log_fn: LogFn | None
     samples_fn: SamplesFn | None
+    train_prompts: Any
+    eval_offset: int = 0
+    """Index of this process's first held-out prompt among all (its evaluation seeds follow from it)."""
     _best_in_checkpoint: int | None = None
     """The best evaluation the newest saved checkpoint refers to (its weights file is kept until a newer save)."""
 
     @property
     def update(self) -> int:
         return self.state.update
+
+    def batch_rows(self, update: int, per_process: int) -> tuple[list[int], int]:
+        """This process's prompt rows of ``update`` (0-based) and the place of the first in the update's batch."""
+        first = self.accelerator.process_index * per_process
+        rows = prompt_rows(len(self.train_prompts), per_process * self.accelerator.num_processes, self.cfg.seed, update)
+        return rows[first : first + per_process], first
+
+    def token_share(self, mask: Any) -> Any:
+        """``n_here · N / n_all`` for a mini-batch's token mask: scales a token mean over this process's mini-batch to
+        its part of the mean over every process's (the N processes' gradients are averaged). 1 on one process."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return 1.0
+        here = mask.sum().float()
+        return here * acc.num_processes / acc.reduce(here.clone(), reduction="sum").clamp(min=1.0)
 
     @property
     def samples(self) -> list[dict[str, Any]]:

@@ -74,7 +74,7 @@ class RewardTrainer(StoredMetricsTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         model = self.model.eval()
         chosen_all, rejected_all = [], []
-        for batch in self.get_eval_dataloader(eval_dataset):
+        for batch in self.eval_batches(eval_dataset):
             chosen, rejected = pair_scores(model, self._prepare_inputs(batch))
             chosen_all.append(chosen.float())
             rejected_all.append(rejected.float())

@@ -76,13 +76,20 @@ class SFTTrainer(StoredMetricsTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, correct, n_tokens = self._forward(model, inputs)
         self.store_metrics({M.TOKEN_ACCURACY: correct / n_tokens.clamp(min=1)})
+        if num_items_in_batch is not None:
+            # As the Trainer scales a model's own loss: NLL summed here over the optimizer step's scored tokens (of every
+            # accumulated batch, and of every process when it averages tokens across devices), times the processes the
+            # gradient is averaged over. So N processes and accumulation train as one process on the whole batch.
+            loss = loss * n_tokens / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         model = self.model.eval()
         nll = correct = tokens = 0.0
-        for batch in self.get_eval_dataloader(eval_dataset):
+        for batch in self.eval_batches(eval_dataset):
             batch = self._prepare_inputs(batch)
             loss, n_correct, n_tokens = self._forward(model, batch)
             nll += float(loss) * float(n_tokens)

@@ -83,7 +83,7 @@ def train_grpo(
     if reward_model is None and not reward_fns:
         raise ValueError("train_grpo needs reward functions, a reward model, or both")
     reward = CombinedReward(reward_fns, reward_weights, rm_weight=cfg.reward_model_weight if reward_model is not None else 0.0)
-    accelerator, train_tok, eval_tok = prepare_prompts_and_accelerator(
+    accelerator, train_tok, eval_tok, eval_offset = prepare_prompts_and_accelerator(
         cfg, tokenizer, train_prompts, eval_prompts, batch_prompts=cfg.prompts_per_update, batch_setting="prompts_per_update")
 
     if ref_policy is None:
@@ -97,7 +97,7 @@ def train_grpo(
                               num_training_steps=cfg.max_updates)
     model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     trainer = GRPOTrainer(cfg, accelerator, model, optimizer, scheduler, ref_policy, reward_model, reward, tokenizer,
-                          train_tok, eval_tok, monitor_fn, log_fn, samples_fn)
+                          train_tok, eval_tok, monitor_fn, log_fn, samples_fn, eval_offset)
     trainer.train()
     return GRPOResult(policy=trainer.policy.eval(), metrics=trainer.eval_metrics, samples=trainer.samples,
                       updates=trainer.update)

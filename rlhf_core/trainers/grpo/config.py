@@ -45,7 +45,9 @@ class GRPOConfig(BaseTrainConfig):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """``grpo`` only: divide by the group's std, the batch's, or nothing (Dr. GRPO, Liu et al. 2025)."""
     loss_type: str = "dapo"
-    """Token aggregation of ``rlhf_core.rl.grpo_loss``: grpo, bnpo, dr_grpo, dapo (TRL 1.16's default), per mini-batch."""
+    """Token aggregation of ``rlhf_core.rl.grpo_loss``: grpo, bnpo, dr_grpo, dapo (TRL 1.16's default), per mini-batch;
+    with several processes ``dapo`` divides by the tokens of every process's mini-batch (TRL's ``num_items_in_batch``),
+    ``bnpo`` by this process's."""
     epsilon: float = 0.2
     """ε_low of the clipped ratio."""
     epsilon_high: float | None = None

@@ -4,12 +4,14 @@ Sampling and log-prob recomputation are ``rlhf_core.rollout``'s (PPO's too); the
 the loss are ``rlhf_core.rl.group``'s; checkpoints are Accelerate's (``rlhf_core.trainers.ppo.checkpoint``,
 the loop and its checkpoints are ``rlhf_core.trainers.online``'s (shared with PPO), so a killed and
 resumed run ends with the same weights on CPU: prompt batches are a pure function of (seed, update)
-and the sampling RNG is restored.
+and each ``generate`` call of a rollout draws from a seed of (seed, update, row), which also makes N
+processes sample what one does given their prompts.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -30,14 +32,15 @@ from rlhf_core.rollout import (
     SampledBatch,
     batch_response_logprobs,
     chunks,
-    prompt_rows,
     response_logprobs,
-    sample_batch,
 )
 from rlhf_core.trainers.common import LogFn
 from rlhf_core.trainers.divergence import DivergenceGuard
 from rlhf_core.trainers.grpo.config import GRPOConfig
-from rlhf_core.trainers.online import OnlineLoop, OnlineState, SamplesFn
+from rlhf_core.trainers.online import ROLLOUT, OnlineLoop, OnlineState, SamplesFn, sample_rows, unit_seed
+
+BATCH_STD_EPS = 1e-4
+"""``rlhf_core.rl.group_advantages``' eps, added to the batch's reward std (``scale_rewards="batch"``)."""
 
 
 class GRPOTrainer(OnlineLoop):
@@ -48,10 +51,10 @@ class GRPOTrainer(OnlineLoop):
     def __init__(self, cfg: GRPOConfig, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any,
                  ref_policy: PreTrainedModel, reward_model: PreTrainedModel | None, reward: CombinedReward,
                  tokenizer: PreTrainedTokenizerBase, train: datasets.Dataset, evaluation: datasets.Dataset,
-                 monitor_fn: RewardFn | None, log_fn: LogFn | None, samples_fn: SamplesFn | None) -> None:
+                 monitor_fn: RewardFn | None, log_fn: LogFn | None, samples_fn: SamplesFn | None, eval_offset: int = 0) -> None:
         self.cfg, self.accelerator, self.model, self.optimizer, self.scheduler = cfg, accelerator, model, optimizer, scheduler
         self.ref_policy, self.reward_model, self.reward, self.tokenizer = ref_policy, reward_model, reward, tokenizer
-        self.train_prompts, self.eval_prompts = train, evaluation
+        self.train_prompts, self.eval_prompts, self.eval_offset = train, evaluation, eval_offset
         self.monitor_fn, self.log_fn, self.samples_fn = monitor_fn, log_fn, samples_fn
         self.state = OnlineState()
         accelerator.register_for_checkpointing(self.state)
@@ -65,12 +68,14 @@ class GRPOTrainer(OnlineLoop):
     # --- sampling and rewards -------------------------------------------------------------
 
     def sample(self, dataset: datasets.Dataset, rows: list[int], group_size: int, *, seed: int | None = None,
-               do_sample: bool = True) -> tuple[SampledBatch, list[str]]:
-        """``group_size`` responses per prompt row (consecutive rows per prompt) and the prompt text of every row."""
+               do_sample: bool = True, seed_of_row: Callable[[int], int] | None = None) -> tuple[SampledBatch, list[str]]:
+        """``group_size`` responses per prompt row (consecutive rows per prompt) and the prompt text of every row;
+        ``seed_of_row``: each ``generate`` call seeded by its first (response) row (``online.sample_rows``)."""
         part = dataset.select(rows)
-        batch = sample_batch(self.policy.eval(), self.tokenizer, [list(p) for p in part["prompt_input_ids"]],
-                             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                             batch_size=self.cfg.forward_batch_size, do_sample=do_sample, seed=seed, group_size=group_size)
+        prompt_ids = [list(p) for p in part["prompt_input_ids"] for _ in range(group_size)]
+        batch = sample_rows(self.policy.eval(), self.tokenizer, prompt_ids, max_new_tokens=self.cfg.max_new_tokens,
+                            temperature=self.cfg.temperature, batch_size=self.cfg.forward_batch_size, do_sample=do_sample,
+                            seed=seed, seed_of_row=seed_of_row)
         prompts = [p for p in part[PROMPT_TEXT] for _ in range(group_size)]
         return batch, prompts
 
@@ -97,10 +102,13 @@ class GRPOTrainer(OnlineLoop):
         return self.rm_scores(batch) if self.reward_model is not None else rewards.tolist()
 
     def advantages(self, rewards: Tensor) -> Tensor:
-        """(B,) advantages of the rewards within their groups (``advantage`` and ``scale_rewards``)."""
+        """(B,) advantages of the rewards within their groups (``advantage`` and ``scale_rewards``; ``batch``: the std of
+        every process's rewards, as TRL)."""
         k = self.cfg.num_generations
         if self.cfg.advantage == "rloo":
             return rloo_advantages(rewards, k)
+        if self.cfg.scale_rewards == "batch" and self.accelerator.num_processes > 1:
+            return group_advantages(rewards, k, scale="none") / (self.accelerator.gather(rewards).std() + BATCH_STD_EPS)
         return group_advantages(rewards, k, scale=self.cfg.scale_rewards)
 
     # --- one update -----------------------------------------------------------------------
@@ -125,6 +133,8 @@ class GRPOTrainer(OnlineLoop):
                         logps, old, advantages[idx], mask[idx], epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                         loss_type=cfg.loss_type, ref_logps=ref_logps[idx] if ref_logps is not None else None, beta=cfg.beta,
                         max_completion_length=cfg.max_new_tokens)
+                    if cfg.loss_type == "dapo":  # TRL's num_items_in_batch: the tokens of every process's mini-batch
+                        loss = loss * self.token_share(mask[idx])
                     acc.backward(loss)
                     if acc.sync_gradients:
                         norm = None
@@ -146,9 +156,11 @@ class GRPOTrainer(OnlineLoop):
     def step(self) -> dict[str, float]:
         """One update; returns its ``train/...`` metrics (averaged over processes), named as TRL's."""
         cfg = self.cfg
-        rows = prompt_rows(len(self.train_prompts), cfg.prompts_per_update, cfg.seed, self.update)
+        rows, first = self.batch_rows(self.update, cfg.prompts_per_update)
+        first_row, update = first * cfg.num_generations, self.update
         started = time.perf_counter()
-        batch, prompts = self.sample(self.train_prompts, rows, cfg.num_generations)
+        batch, prompts = self.sample(self.train_prompts, rows, cfg.num_generations,
+                                     seed_of_row=lambda i: unit_seed(cfg.seed, ROLLOUT, update, first_row + i))
         generated = time.perf_counter()
         rewards, parts = self.rewards(batch, prompts)  # (B,)
         advantages = self.advantages(rewards)  # (B,)
@@ -189,7 +201,8 @@ class GRPOTrainer(OnlineLoop):
         rows_all: list[dict[str, Any]] = []
         for start in range(0, len(self.eval_prompts), cfg.forward_batch_size):
             rows = list(range(start, min(start + cfg.forward_batch_size, len(self.eval_prompts))))
-            batch, prompts = self.sample(self.eval_prompts, rows, 1, seed=cfg.seed + start, do_sample=cfg.eval_do_sample)
+            batch, prompts = self.sample(self.eval_prompts, rows, 1, seed=cfg.seed + self.eval_offset + start,
+                                         do_sample=cfg.eval_do_sample)
             rewards, parts = self.rewards(batch, prompts)
             logps = batch_response_logprobs(self.policy, batch, cfg.temperature, cfg.forward_batch_size)
             ref = batch_response_logprobs(self.ref_policy, batch, cfg.temperature, cfg.forward_batch_size)

@@ -57,8 +57,14 @@ Implementation Details of RLHF with PPO"; OpenAI's lm-human-preferences is the r
     value weights, optimizer, scheduler and RNG states (python, numpy, torch) and the small state
     registered with ``register_for_checkpointing`` (the update counter, the KL controller and the
     reward-normalisation statistics); Accelerate names the folders and keeps ``save_total_limit``
-    of them (``checkpoint``). Prompt batches are a pure function of ``(seed, update)``, so a
-    resumed run ends with exactly the weights of an uninterrupted one.
+    of them (``checkpoint``). Prompt batches are a pure function of ``(seed, update)`` and each
+    ``generate`` call of a rollout draws from a seed of ``(seed, update, row)``, so a resumed run ends
+    with exactly the weights of an uninterrupted one.
+16. **Data parallel as one process** (``accelerate launch``, ``rlhf_core.trainers.online``): with N
+    processes of ``rollout_batch_size`` prompts each, the update's prompts and samples are those of one
+    process given ``N × rollout_batch_size``; whitening uses the whole batch's statistics and the
+    losses' token means every process's tokens, so with one mini-batch per update the weights match
+    one process's (several mini-batches differ only in how the shuffled rows are grouped).
 
 Evaluation (at update 0 with ``eval_on_start``, every ``eval_steps`` updates and at the end) samples
 one response per held-out prompt at the rollout temperature from a fixed seed (``eval_do_sample=True``,

@@ -9,6 +9,7 @@ response token, the reference log-probs, and the score (details 1, 3 and 4 of
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -18,7 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.logprobs import entropy_from_logits
 from rlhf_core.models.scalar_head import sequence_scores
 from rlhf_core.reward_sources import CombinedReward
-from rlhf_core.rollout import SampledBatch, chunks, model_response_logprobs, response_columns, response_logprobs, sample_batch
+from rlhf_core.rollout import SampledBatch, chunks, model_response_logprobs, response_columns, response_logprobs
+from rlhf_core.trainers.online import sample_rows
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue
 
@@ -95,16 +97,18 @@ class RolloutCollector:
 
     @torch.no_grad()
     def collect(self, model: PolicyAndValue, prompt_ids: list[list[int]], prompts: list[str], norm: RewardNorm, *,
-                seed: int | None = None, do_sample: bool = True) -> tuple[Rollout, dict[str, float]]:
+                seed: int | None = None, do_sample: bool = True, seed_of_row: Callable[[int], int] | None = None,
+                ) -> tuple[Rollout, dict[str, float]]:
         """Sample one response per prompt and score it; also returns the wall time of the phases.
 
         ``model`` is the unwrapped policy and value, in eval mode. ``seed=None`` samples from the
-        global RNG (training rollouts); a seed leaves it untouched (evaluation).
+        global RNG; a seed leaves it untouched (evaluation); ``seed_of_row`` seeds each ``generate`` call
+        by its first row (training rollouts: ``rlhf_core.trainers.online.sample_rows``).
         """
         cfg, tau = self.cfg, self.cfg.temperature
         started = time.perf_counter()
-        batch = sample_batch(model.policy, self.tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=tau,
-                             do_sample=do_sample, batch_size=cfg.forward_batch_size, seed=seed)
+        batch = sample_rows(model.policy, self.tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=tau,
+                            do_sample=do_sample, batch_size=cfg.forward_batch_size, seed=seed, seed_of_row=seed_of_row)
         generated = time.perf_counter()
         n_query, mask, completion_mask = batch.n_query, batch.mask, batch.completion_mask  # (B, R), (B, Q+R)
         parts: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}

@@ -87,7 +87,7 @@ def train_ppo(
     if ref_policy is policy or reward_model is policy:
         raise ValueError("train_ppo: ref_policy and reward_model must be separate models from the trained policy")
     reward = _build_reward(reward_model, reward_fn, cfg)
-    accelerator, train_tok, eval_tok = prepare_prompts_and_accelerator(
+    accelerator, train_tok, eval_tok, eval_offset = prepare_prompts_and_accelerator(
         cfg, tokenizer, train_prompts, eval_prompts, batch_prompts=cfg.rollout_batch_size, batch_setting="rollout_batch_size")
 
     if ref_policy is None:
@@ -112,7 +112,7 @@ def train_ppo(
 
     collector = RolloutCollector(cfg, ref_policy, reward_model, reward, tokenizer)
     trainer = PPOTrainer(cfg, accelerator, model, optimizer, scheduler, collector, train_tok, eval_tok, monitor_fn, log_fn,
-                         samples_fn)
+                         samples_fn, eval_offset)
     trainer.train()
     unwrapped = trainer.unwrapped.eval()
     return PPOResult(policy=unwrapped.policy, value_model=unwrapped.value, metrics=trainer.eval_metrics,

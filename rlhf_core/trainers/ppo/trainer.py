@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -23,10 +24,11 @@ from rlhf_core.rl import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from rlhf_core.rollout import PROMPT_TEXT, prompt_rows, response_columns, response_logprobs
+from rlhf_core.rl.masked import WHITEN_EPS
+from rlhf_core.rollout import PROMPT_TEXT, response_columns, response_logprobs
 from rlhf_core.trainers.common import LogFn
 from rlhf_core.trainers.divergence import DivergenceGuard
-from rlhf_core.trainers.online import OnlineLoop, SamplesFn
+from rlhf_core.trainers.online import REWARD_NORM, ROLLOUT, OnlineLoop, SamplesFn, unit_seed
 from rlhf_core.trainers.ppo.checkpoint import PPOState
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue
@@ -40,10 +42,10 @@ class PPOTrainer(OnlineLoop):
 
     def __init__(self, cfg: PPOConfig, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any,
                  collector: RolloutCollector, train: datasets.Dataset, evaluation: datasets.Dataset,
-                 monitor_fn: RewardFn | None, log_fn: LogFn | None, samples_fn: SamplesFn | None) -> None:
+                 monitor_fn: RewardFn | None, log_fn: LogFn | None, samples_fn: SamplesFn | None, eval_offset: int = 0) -> None:
         self.cfg, self.accelerator, self.model = cfg, accelerator, model
         self.optimizer, self.scheduler, self.collector = optimizer, scheduler, collector
-        self.train_prompts, self.eval_prompts = train, evaluation
+        self.train_prompts, self.eval_prompts, self.eval_offset = train, evaluation, eval_offset
         self.monitor_fn, self.log_fn, self.samples_fn = monitor_fn, log_fn, samples_fn
         kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_control == "adaptive"
                   else FixedKLController(cfg.kl_coef))
@@ -62,22 +64,27 @@ class PPOTrainer(OnlineLoop):
 
     def prompt_batch(self, update: int) -> list[int]:
         """Row indices of this process's prompts for ``update`` (0-based): a pure function of (seed, update)."""
-        return prompt_rows(len(self.train_prompts), self.cfg.rollout_batch_size, self.cfg.seed, update)
+        return self.batch_rows(update, self.cfg.rollout_batch_size)[0]
 
     def rollout(self, rows: list[int], dataset: datasets.Dataset | None = None, *, seed: int | None = None,
-                do_sample: bool = True) -> Rollout:
+                do_sample: bool = True, seed_of_row: Callable[[int], int] | None = None) -> Rollout:
         """Sample one response per prompt row, then score it with every model (no gradients)."""
         batch = (dataset if dataset is not None else self.train_prompts).select(rows)
         ro, self.timing = self.collector.collect(self.unwrapped.eval(), [list(p) for p in batch["prompt_input_ids"]],
                                                  list(batch[PROMPT_TEXT]), self.state.reward_norm, seed=seed,
-                                                 do_sample=do_sample)
+                                                 do_sample=do_sample, seed_of_row=seed_of_row)
         return ro
+
+    def training_rollout(self, update: int, stream: int = ROLLOUT) -> Rollout:
+        """The rollout of ``update``'s prompts, each ``generate`` call seeded by its place in the update's batch."""
+        rows, first = self.batch_rows(update, self.cfg.rollout_batch_size)
+        return self.rollout(rows, seed_of_row=lambda i: unit_seed(self.cfg.seed, stream, update, first + i))
 
     def fit_reward_norm(self) -> None:
         """Detail 1: gain and bias from ``reward_norm_batches`` rollouts of the initial policy."""
         raw: list[float] = []
         for k in range(self.cfg.reward_norm_batches):
-            raw += self.rollout(self.prompt_batch(k)).raw_scores.tolist()
+            raw += self.training_rollout(k, REWARD_NORM).raw_scores.tolist()
         self.state.reward_norm = RewardNorm.fit(gather_object(raw))
 
     # --- one update ---------------------------------------------------------------------
@@ -87,11 +94,27 @@ class PPOTrainer(OnlineLoop):
         rewards, kl = compute_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, ro.mask, self.state.kl_ctl.value,
                                       self.cfg.kl_estimator)  # (B, R) each
         if self.cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, ro.mask, shift_mean=False)
+            rewards = self.whiten(rewards, ro.mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, ro.values, ro.mask, self.cfg.gamma, self.cfg.lam)
         if self.cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, ro.mask)
+            advantages = self.whiten(advantages, ro.mask)
         return rewards, kl, advantages, returns
+
+    def whiten(self, x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+        """``masked_whiten`` of (B, R) ``x`` with the mean and biased variance of the update's whole batch (every
+        process's), so N processes whiten as one process given their batches would."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return masked_whiten(x, mask, shift_mean=shift_mean)
+        m = mask.bool()
+        x = torch.where(m, x, 0.0)
+        sums = acc.reduce(torch.stack([x.double().sum(), m.double().sum()]), reduction="sum")  # (2,) Σx, n
+        mean = sums[0] / sums[1]
+        var = acc.reduce(torch.where(m, x.double() - mean, 0.0).pow(2).sum(), reduction="sum") / sums[1]
+        whitened = (x - mean.float()) * torch.rsqrt(var.float() + WHITEN_EPS)
+        if not shift_mean:
+            whitened = whitened + mean.float()
+        return torch.where(m, whitened, 0.0)
 
     def optimise(self, ro: Rollout, advantages: Tensor, returns: Tensor) -> dict[str, Tensor]:
         """Detail 11: K epochs of clipped PPO over shuffled minibatches; returns the mean stats."""
@@ -112,7 +135,7 @@ class PPOTrainer(OnlineLoop):
                     vpred = response_columns(values, ro.n_query).float()  # (b, R)
                     pg_loss, pg_stats = ppo_policy_loss(new_logprobs.float(), ro.logprobs[idx], advantages[idx], mask, cfg.clip_range)
                     vf_loss, vf_stats = ppo_value_loss(vpred, ro.values[idx], returns[idx], mask, cfg.clip_range_value)
-                    acc.backward(pg_loss + cfg.vf_coef * vf_loss)
+                    acc.backward((pg_loss + cfg.vf_coef * vf_loss) * self.token_share(mask))  # token means over all processes
                     if acc.sync_gradients:
                         norm = None
                         if cfg.max_grad_norm is not None:
@@ -132,7 +155,7 @@ class PPOTrainer(OnlineLoop):
 
     def step(self) -> dict[str, float]:
         """One PPO update; returns its ``train/...`` metrics (averaged over processes)."""
-        ro = self.rollout(self.prompt_batch(self.update))
+        ro = self.training_rollout(self.update)
         _, kl, advantages, returns = self.advantages(ro)
         beta = self.state.kl_ctl.value
         lr = self.scheduler.get_last_lr()[0]
@@ -171,7 +194,7 @@ class PPOTrainer(OnlineLoop):
         rows_all: list[dict[str, Any]] = []
         for start in range(0, len(self.eval_prompts), cfg.forward_batch_size):
             rows = list(range(start, min(start + cfg.forward_batch_size, len(self.eval_prompts))))
-            ro = self.rollout(rows, self.eval_prompts, seed=cfg.seed + start, do_sample=cfg.eval_do_sample)
+            ro = self.rollout(rows, self.eval_prompts, seed=cfg.seed + self.eval_offset + start, do_sample=cfg.eval_do_sample)
             kl = torch.where(ro.mask, ro.logprobs - ro.ref_logprobs, 0.0).sum(dim=1)  # (B,) k1 KL per response
             gold = self.monitor_fn(ro.prompts, ro.texts) if self.monitor_fn is not None else None
             for i, (prompt, text) in enumerate(zip(ro.prompts, ro.texts)):
