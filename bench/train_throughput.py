@@ -177,6 +177,10 @@ class RunSpec:
     seed: int = 0
     threads: int = 1
     """torch intra-op threads; 0 keeps torch's default (one per core)."""
+    padding_free: bool = False
+    """Ours: ``TrainConfig.padding_free`` (packed rows); TRL: ``SFTConfig.padding_free`` (one flattened row).
+    TRL 1.16 has none for its reward trainer and disables its DPO one, so those stay padded. This benchmark
+    compares padded against padded (both sides' ``padding_free`` off); ``bench/packing.py`` turns it on."""
 
     def __post_init__(self) -> None:
         if self.trainer not in TRAINERS:
@@ -209,6 +213,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     """Training loss logged at every step."""
     timed_steps: int = 0
+    padding_free: bool = False
     settings: dict[str, str] = field(default_factory=dict)
     """``COMPARED_SETTINGS`` as the Trainer ran with them, plus the model's dtype and the optimizer class."""
 
@@ -263,6 +268,7 @@ def _our_config(spec: RunSpec, workload: Workload, cls: type, **extra: Any) -> A
         resume=False,
         # No evaluation or checkpoint inside training (train_* still evaluates once afterwards, untimed).
         extra_args={"eval_strategy": "no", "save_strategy": "no", "use_cpu": spec.device == "cpu"},
+        padding_free=spec.padding_free,
         **extra,
     )
 
@@ -291,8 +297,7 @@ def _trl_args(spec: RunSpec, workload: Workload, cls: type, **extra: Any) -> Any
         activation_checkpointing=False,  # TRL turns it on by default
         dataloader_num_workers=0,
         dataloader_pin_memory=spec.device == "cuda",
-        max_length=workload.max_length,
-        **extra,
+        **{"max_length": workload.max_length, **extra},
     )
 
 
@@ -333,7 +338,9 @@ def _run_trl(spec: RunSpec, workload: Workload, tokenizer: PreTrainedTokenizerBa
     held_out = _trl_text(_read_jsonl_dataset(workload.records_path(kind, "eval")), tokenizer, columns)
     if spec.trainer == "sft":
         model = load_causal_lm(workload.model_dir)
-        args = _trl_args(spec, workload, trl.SFTConfig, completion_only_loss=True, packing=False, padding_free=False)
+        # TRL refuses padding_free with max_length without packing; nothing here is longer than max_length anyway.
+        free = {"padding_free": True, "max_length": None} if spec.padding_free else {"padding_free": False}
+        args = _trl_args(spec, workload, trl.SFTConfig, completion_only_loss=True, packing=False, **free)
         trainer_cls: Callable[..., Any] = trl.SFTTrainer
     elif spec.trainer == "reward":
         model = load_reward_model(workload.model_dir, seed=spec.seed)
@@ -379,6 +386,7 @@ def run_one(spec: RunSpec) -> RunResult:
         train_growth_mb=probe.train_peak_mb - probe.begin_mb,
         losses=probe.losses,
         timed_steps=probe.clock.timed_steps,
+        padding_free=spec.padding_free,
         settings=probe.settings,
     )
 

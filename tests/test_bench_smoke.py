@@ -86,6 +86,40 @@ def test_cli_rejects_bad_arguments(argv: list[str]) -> None:
         parse_args(argv)
 
 
+# --- bench/packing.py: our packed trainers against TRL on HH-RLHF lengths (tiny: the 20-dialogue fixture, 2 steps) ---
+
+
+def test_packing_bench_runs_every_variant_on_hh_data_with_the_same_losses(tmp_path: Path) -> None:
+    from bench import packing
+
+    data = Path(__file__).parent / "fixtures" / "public" / "hh-rlhf-harmless-base-test.jsonl.gz"
+    hh = packing.prepare_hh_workload(tmp_path / "workload", data, n_train=4, n_eval=2, max_length=512, vocab_size=300,
+                                     n_layer=1, hidden_size=32, n_head=2)
+    assert hh.workload.n_train == 4 and 0 < hh.lengths["median"] <= hh.lengths["max"] == hh.workload.longest_sequence <= 512
+    assert hh.tokens["preference"] > hh.tokens["sft"] > 0  # pairs: both sides
+    results = []
+    for trainer, variants in packing.VARIANTS.items():
+        for variant in variants:
+            spec = RunSpec(trainer=trainer, impl=variant.impl, workload=asdict(hh.workload), steps=2, warmup=1, batch_size=2,
+                           output_dir=str(tmp_path / f"{trainer}-{variant.impl}-{variant.padding_free}"),
+                           padding_free=variant.padding_free)
+            results.append(run_one(spec))
+    summaries = packing.summarise(results, hh, steps=2)
+    assert [s.trainer for s in summaries] == list(TRAINERS)
+    for s in summaries:
+        assert set(s.runs) == {v.label for v in packing.VARIANTS[s.trainer]}
+        assert s.tokens_per_step == hh.tokens["sft" if s.trainer == "sft" else "preference"] / 2
+        for label in s.runs:  # ours packed, ours padded, TRL padded (and TRL's padding_free SFT): the same losses
+            if label != packing.OURS_PACKED.label:
+                assert s.max_loss_diff(label) < 1e-4, (s.trainer, label, s.runs[label][0].losses)
+    report = packing.format_report(summaries)
+    assert all(f"| {t} |" in report for t in TRAINERS)
+    assert "TRL padding_free" in report and r"max \|Δloss\| vs TRL" in report
+    for argv in (["--trainers", "ppo"], ["--data", str(tmp_path / "missing.jsonl.gz")], ["--warmup", "5", "--steps", "5"]):
+        with pytest.raises(SystemExit):
+            packing.parse_args(argv)
+
+
 # --- bench/gpu.py: SFT/DPO tokens/s and MFU, rollout tokens/s against plain generate (tiny, on the CPU) ---
 
 
