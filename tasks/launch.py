@@ -63,7 +63,9 @@ def accelerate_command(n_processes: int, target: list[str]) -> list[str]:
     cmd = ["accelerate", "launch", "--num_processes", str(n_processes), "--main_process_port", "0"]
     if os.environ.get("ACCELERATE_CONFIG_FILE"):  # its distributed type (FSDP, DeepSpeed) applies, not --multi_gpu's
         return cmd + ["--config_file", os.environ["ACCELERATE_CONFIG_FILE"], *target]
-    return cmd[:2] + ["--multi_gpu"] + cmd[2:] + target
+    # Accelerate's defaults, stated so that it does not warn about each; the trainers set their own precision.
+    defaults = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return cmd[:2] + ["--multi_gpu"] + cmd[2:] + defaults + target
 
 
 def launch_command(stage: str, n_processes: int) -> list[str] | None:

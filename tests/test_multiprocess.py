@@ -215,3 +215,30 @@ def test_a_stopped_launch_leaves_no_worker_and_resumes_to_the_uninterrupted_weig
         resumed, uninterrupted = _weights(runs["stopped"][stage] / "models" / stage), _weights(runs["two"][stage] / "models" / stage)
         assert resumed.keys() == uninterrupted.keys()
         assert all(resumed[k].equal(uninterrupted[k]) for k in resumed), stage  # the same arithmetic: bitwise
+
+
+def test_sft_with_gradient_accumulation_trains_as_one_process_given_the_whole_batch(runs, tmp_path):
+    """2 accumulated batches of 8 per step end where 16 per step do, and log the same loss: the SFT loss is the NLL over
+    the step's scored tokens (as for N processes). Tolerance as above, for the same reasons."""
+    from rlhf_core.trainers.sft import SFTConfig, train_sft
+    from tasks.training_io import base_causal_lm, load_split, load_tokenizer
+    from tasks.workspace import Workspace
+
+    ws = Workspace(runs["one"])
+    tokenizer, train, held_out = load_tokenizer(ws), load_split(ws, "sft_train"), load_split(ws, "sft_test")
+
+    def trained(batch: int, accumulation: int) -> tuple[dict, dict[int, float]]:
+        logged: dict[int, float] = {}
+        cfg = SFTConfig(output_dir=str(tmp_path / str(batch)), max_steps=3, per_device_train_batch_size=batch,
+                        gradient_accumulation_steps=accumulation, logging_steps=1, eval_steps=100, save_steps=100,
+                        progress=False)
+        result = train_sft(base_causal_lm(runs["params"], tokenizer, seed=0), tokenizer, train, held_out, cfg,
+                           log_fn=lambda m, step: logged.update({step: m["train/loss"]} if "train/loss" in m else {}))
+        return {k: v.detach().clone() for k, v in result.model.state_dict().items()}, logged
+
+    (whole, whole_losses), (accumulated, accumulated_losses) = trained(16, 1), trained(8, 2)
+    moved = _distance(whole, base_causal_lm(runs["params"], tokenizer, seed=0).state_dict())
+    assert _distance(whole, accumulated) <= RELATIVE_TOLERANCE * moved, (_distance(whole, accumulated), moved)
+    assert whole_losses.keys() == accumulated_losses.keys() == {1, 2, 3}
+    assert all(math.isclose(whole_losses[s], accumulated_losses[s], rel_tol=1e-4) for s in whole_losses), (
+        whole_losses, accumulated_losses)

@@ -22,14 +22,11 @@ refers to it; a resume drops the files of evaluations after its checkpoint (they
 the end the trainer loads the best weights and reports that evaluation, ``checkpoint/best_step``
 and ``checkpoint/best_value``.
 
-Several processes (``accelerate launch``; batch sizes are per process): an update's prompts are the
-``per_process × N`` rows that ``prompt_rows`` draws from (seed, update), process ``p`` taking the
-``p``-th contiguous part; each ``generate`` call of a training rollout draws from a seed of its own,
-a function of (seed, update, its first row's place in the update's batch) (:func:`unit_seed`), not of
-the process that makes it; the held-out prompts are split into contiguous parts and sampled from
-seeds of their global place. So N processes given ``B`` prompts each sample what one process given
-``N·B`` does, and train on the same data: token means in the losses are taken over every process's
-tokens (:meth:`OnlineLoop.token_share`), whitening over every process's batch (PPO).
+N processes (``accelerate launch``; batch sizes are per process) sample and train as one process
+given their batches: process ``p`` takes the ``p``-th part of the update's ``N × per_process`` prompts,
+each ``generate`` call is seeded by (seed, update, its rows' place in the update's batch)
+(:func:`unit_seed`), held-out prompts by their place among all; token means in the losses span every
+process's tokens (:meth:`OnlineLoop.token_share`), whitening every process's batch (PPO).
 """
 
 from __future__ import annotations
@@ -171,7 +168,8 @@ def merge_sampled(parts: list[SampledBatch], pad_id: int) -> SampledBatch:
     width_r = max(p.response_mask.shape[1] for p in parts)
 
     def widen(t: Any, q: int, value: int) -> Any:  # (b, q + r) -> (b, Q + R)
-        return torch.cat([pad(t[:, :q], (width_q - q, 0), value=value), pad(t[:, q:], (0, width_r - (t.shape[1] - q)), value=value)], dim=1)
+        query, response = pad(t[:, :q], (width_q - q, 0), value=value), t[:, q:]
+        return torch.cat([query, pad(response, (0, width_r - response.shape[1]), value=value)], dim=1)
 
     return SampledBatch(
         query_response=torch.cat([widen(p.query_response, p.n_query, pad_id) for p in parts]),  # (B, Q+R)
