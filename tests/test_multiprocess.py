@@ -14,6 +14,7 @@ compared on its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,8 +68,10 @@ def _workspace(dest: Path, stage: str, reference: Path) -> Path:
     return ws.root
 
 
-def _launch(jobs: list[dict], tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:
-    """``accelerate launch`` of the driver in a process group of its own; its MLflow store is ``<name>.db``."""
+@contextlib.contextmanager
+def _launched(jobs: list[dict], tmp: Path, name: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """``accelerate launch`` of the driver in a process group of its own (killed on the way out if still running); its
+    MLflow store is ``<name>.db``, its output ``<name>.log``, the driver's reports in ``report-<name>/``."""
     report = tmp / f"report-{name}"
     report.mkdir()
     plan = tmp / f"{name}.json"
@@ -76,7 +80,12 @@ def _launch(jobs: list[dict], tmp: Path, name: str) -> tuple[subprocess.Popen, P
     with (tmp / f"{name}.log").open("w") as log:
         proc = subprocess.Popen(accelerate_command(N, ["-m", "tests.multiprocess_driver", str(plan)]), cwd=PROJECT,
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, report
+    try:
+        yield proc, report
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _alive(pid: int) -> bool:
@@ -104,11 +113,11 @@ def runs(tmp_path_factory):
 
     stopped = {s: _workspace(tmp / "stopped" / s, s, reference.root) for s in STOPPED}
     jobs = [{"workspace": str(stopped[s]), "stage": s, "stop_after": step, "stop": how} for s, (step, how) in STOPPED.items()]
-    proc, report = _launch(jobs, tmp, "stopped")
-    _wait_for(lambda: all((report / f"paused.{r}").exists() for r in range(N)), proc, tmp / "stopped.log", 300)
-    workers = [int((report / f"pid.{r}").read_text()) for r in range(N)]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with _launched(jobs, tmp, "stopped") as (proc, report):
+        _wait_for(lambda: all((report / f"paused.{r}").exists() for r in range(N)), proc, tmp / "stopped.log", 300)
+        workers = [int((report / f"pid.{r}").read_text()) for r in range(N)]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     deadline = time.monotonic() + 20
     while any(map(_alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -121,8 +130,8 @@ def runs(tmp_path_factory):
 
     two = {s: _workspace(tmp / "two" / s, s, reference.root) for s in STAGES}
     jobs = [{"workspace": str(two[s]), "stage": s} for s in STAGES] + [{"workspace": str(stopped[s]), "stage": s} for s in STOPPED]
-    proc, report = _launch(jobs, tmp, "main")
-    assert proc.wait(timeout=600) == 0, (tmp / "main.log").read_text()[-6000:]
+    with _launched(jobs, tmp, "main") as (proc, report):
+        assert proc.wait(timeout=600) == 0, (tmp / "main.log").read_text()[-6000:]
     return {"one": reference.root, "two": two, "stopped": stopped, "survivors": survivors, "left": left,
             "outputs_left": outputs_left, "tmp": tmp, "params": params, "jobs": jobs,
             "reports": [json.loads((report / f"rank{r}.json").read_text()) for r in range(N)]}
