@@ -29,6 +29,7 @@ left RUNNING (``tasks.tracking.lifecycle``).
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from tasks import dvc_ops
 from tasks.isolation import isolated_checkout
 from tasks.params import apply_overrides, load_params
 from tasks.parent_run import close_parent_run, close_stale_runs_of, open_parent_run
+from tasks.stage_host import hosted
 from tasks.tracking.client import PARENT_RUN_ENV, TRACKING_URI_ENV, resolve_tracking_uri
 from tasks.tracking.gitinfo import git_info
 from tasks.tracking.outage import TrackingUnavailable, pending_dir, pending_journals
@@ -180,10 +182,11 @@ def alignment_flow(
         order = [s for s in dvc_ops.stage_order(Path(root)) if not stages or s in stages]
         outcomes: list[dict[str, Any]] = []
         try:
-            for stage in order:
-                outcomes.append(stage_task(root, stage, parent, env))
-                if kept := pending_journals(workspace_root, parent_run_id=parent):
-                    raise tracking_stopped(kept, stage)
+            with hosted({**os.environ, **env}) as host:  # one warm process imports the libraries for every stage
+                for stage in order:
+                    outcomes.append(stage_task(root, stage, parent, {**env, **host}))
+                    if kept := pending_journals(workspace_root, parent_run_id=parent):
+                        raise tracking_stopped(kept, stage)
         except BaseException as err:  # close the parent directly: no Prefect task after an interrupt
             try:
                 _, kept = close_parent_run(Path(root), tracking, parent, stages=outcomes, journal_dir=journals,

@@ -17,12 +17,13 @@ STAGE = "dpo"
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.dpo import DPOConfig, train_dpo
+    from tasks.launch import is_main_process
     from tasks.overoptimization import write_overoptimization
     from tasks.policies import selected, without_switch, write_not_selected
     from tasks.training_io import gold_reward_fn, run_training_stage
 
-    if not selected(params, STAGE):
-        return write_not_selected(ws, STAGE)
+    if not selected(params, STAGE):  # one process writes the stand-in outputs (the others would race it)
+        return write_not_selected(ws, STAGE) if is_main_process() else {"trained": 0}
 
     def curve_inputs(tokenizer, cfg) -> dict:  # the proxy and gold rewards of the over-optimisation curve
         if not cfg.overopt_prompts:

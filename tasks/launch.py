@@ -1,5 +1,7 @@
-"""How ``dvc.yaml`` starts a training stage: in this process, or as several processes through ``accelerate launch``.
+"""How ``dvc.yaml`` starts a stage: in the flow's warm stage host, in this process, or as several processes.
 
+``python -m tasks.launch <stage>`` hands the stage to the flow's stage host when there is one
+(``tasks.stage_host``: the libraries imported once per pipeline run, not once per stage). Otherwise
 ``python -m tasks.launch sft`` runs ``tasks.sft`` in this process when one process is configured, and
 replaces itself with ``accelerate launch --multi_gpu --num_processes N --main_process_port 0 -m tasks.sft``
 when ``N > 1``. N is, in this order:
@@ -31,6 +33,8 @@ import signal
 import sys
 
 TRAINING_STAGES = ("sft", "reward", "ppo", "dpo", "grpo")
+STAGES = ("ingest", "prepare", "validate", *TRAINING_STAGES, "evaluate", "promote")
+"""Every stage ``dvc.yaml`` starts through this module; the training ones may run as several processes."""
 PROCESSES_ENV = "RLHF_NUM_PROCESSES"
 LEGACY_GPUS_ENV = "RLHF_NUM_GPUS"
 PR_SET_PDEATHSIG = 1
@@ -123,11 +127,16 @@ def follow_launcher() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit(f"usage: python -m tasks.launch <{'|'.join(TRAINING_STAGES)}>")
+    if len(args) != 1 or args[0] not in STAGES:
+        raise SystemExit(f"usage: python -m tasks.launch <{'|'.join(STAGES)}>")
     stage = args[0]
-    n = configured_processes()
-    cmd = launch_command(stage, n)
+    from tasks.stage_host import run_hosted
+
+    status = run_hosted("tasks.launch", args)  # the flow's warm host runs it: the libraries are imported already
+    if status is not None:
+        sys.exit(status)
+    n = configured_processes() if stage in TRAINING_STAGES else 1
+    cmd = launch_command(stage, n) if stage in TRAINING_STAGES else None
     if cmd is not None:
         gpus = _cuda_gpus()
         if gpus and n > gpus:

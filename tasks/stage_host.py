@@ -1,0 +1,288 @@
+"""A warm process that starts the stages of one pipeline run: the heavy imports once per run, not once per stage.
+
+Each stage is a fresh ``python -m tasks.launch <stage>`` that DVC runs, and importing torch, transformers, datasets,
+accelerate, MLflow and DVC's API cost it 4–7 s on 2 cores before it did anything (the default run has ten stages).
+The flow starts one host per run (:func:`hosted`); the host imports those libraries once, then forks a child for each
+stage command that asks (:func:`run_hosted`). The child takes over the command's working directory, environment,
+arguments and standard streams (passed over a Unix socket) and runs the module as ``python -m`` would.
+
+The command DVC started stays in charge of its stage, so DVC, ``dvc.lock`` and the flow see what they saw before: it
+passes Ctrl-C and SIGTERM on to the child and exits with the child's exit status; a child whose command is killed
+outright (SIGKILL of its process group) kills itself. The host leaves when the flow that started it does.
+
+The host imports no project code: each child imports ``tasks`` and ``rlhf_core`` afresh from its own working
+directory, so an isolated checkout of another commit runs its own code. Without a host (``dvc repro`` by hand, or a
+host that refuses: another Python) the command runs the stage itself, as it always did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+HOST_ENV = "RLHF_STAGE_HOST"
+"""The host's socket path, in the environment of the stages of a flow run that has a host."""
+PRELOAD = (
+    "torch", "transformers", "transformers.trainer", "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.llama.modeling_llama", "datasets", "accelerate", "safetensors.torch", "tokenizers",
+    "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.tracking.rest_store",
+    "dvc.api", "dvc.repo", "pandas", "pyarrow", "matplotlib.pyplot", "great_expectations",
+)
+"""What the stages import that takes time: the host imports these once (a missing one is skipped)."""
+PROJECT_PACKAGES = ("tasks", "rlhf_core", "flows")
+"""Imported by each child from its own working directory, never kept from the host."""
+_HEADER = struct.Struct("!I")
+
+
+def _send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
+    data = json.dumps(message).encode()
+    payload = _HEADER.pack(len(data)) + data
+    if fds:
+        sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+    else:
+        sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the other side closed the connection")
+        buf += chunk
+    return buf
+
+
+def _recv(sock: socket.socket, with_fds: int = 0) -> tuple[dict, list[int]]:
+    fds: list[int] = []
+    if with_fds:  # the header comes with the file descriptors
+        data, ancillary, _, _ = sock.recvmsg(_HEADER.size, socket.CMSG_SPACE(with_fds * struct.calcsize("i")))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds += list(struct.unpack(f"{len(payload) // struct.calcsize('i')}i", payload))
+        if not data:
+            raise ConnectionError("the other side closed the connection")
+        header = data + _recv_exact(sock, _HEADER.size - len(data))
+    else:
+        header = _recv_exact(sock, _HEADER.size)
+    (length,) = _HEADER.unpack(header)
+    return json.loads(_recv_exact(sock, length)), fds
+
+
+# ---- the stage command's side --------------------------------------------------------------------------------------
+
+def run_hosted(module: str, args: list[str]) -> int | None:
+    """Run ``python -m module *args`` in the host named by ``$RLHF_STAGE_HOST`` and return its exit status, or
+    ``None`` when there is no host to run it (the caller then runs it itself)."""
+    path = os.environ.get(HOST_ENV)
+    if not path or path == "off":
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        env = {k: v for k, v in os.environ.items() if k != HOST_ENV}  # the child runs the stage, it does not ask again
+        _send(sock, {"module": module, "args": args, "cwd": os.getcwd(), "env": env, "executable": sys.executable},
+              [0, 1, 2])
+        reply, _ = _recv(sock)
+    except OSError:
+        sock.close()
+        return None
+    if "pid" not in reply:  # refused: run it here
+        sock.close()
+        return None
+    pid = reply["pid"]
+
+    def forward(signum: int, _frame) -> None:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    try:
+        status, _ = _recv(sock)
+    except (OSError, ConnectionError):
+        print(f"[rlhf] the stage host ended before the stage did ({module} {' '.join(args)})", file=sys.stderr)
+        return 1
+    finally:
+        sock.close()
+    return int(status["exit"])
+
+
+# ---- the host's side -----------------------------------------------------------------------------------------------
+
+def _import(name: str) -> None:
+    import importlib
+
+    with suppress(Exception):  # an optional library: the stage that needs it says so itself
+        importlib.import_module(name)
+
+
+def _fresh_random_state() -> None:
+    """A forked child would share the host's random state; a new process starts from fresh entropy (stages that
+    want reproducible numbers seed themselves)."""
+    import random
+
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        sys.modules["torch"].seed()
+
+
+def _child(conn: socket.socket, listener: socket.socket, request: dict, fds: list[int]) -> None:
+    """In the forked child: become ``python -m module *args`` of the request, then exit with its status."""
+    import runpy
+    import threading
+    import traceback
+
+    listener.close()
+    os.setpgid(0, 0)  # a group of its own: a signal meant for the host (or another stage) does not reach it
+    for target, fd in zip((0, 1, 2), fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    for name in [n for n in sys.modules if n.split(".")[0] in PROJECT_PACKAGES]:
+        del sys.modules[name]
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.path[0] = request["cwd"]
+    import importlib
+
+    importlib.invalidate_caches()
+    sys.argv = [request["module"], *request["args"]]
+    _fresh_random_state()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    def watch() -> None:  # the stage's command gone (killed with its process group): the stage goes too
+        try:
+            while conn.recv(1):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="stage-command-watch").start()
+    code = 0
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()  # what the interpreter runs at exit (MLflow's and torch's handlers)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def serve(path: str, parent: int, preload: tuple[str, ...] = PRELOAD) -> None:
+    """Listen on ``path`` and fork a child per request, importing :data:`PRELOAD` one module at a time while no
+    request waits (a stage that asks before the imports are done imports the rest itself); leave when ``parent``
+    is gone."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    to_import = list(preload)
+    children: dict[int, socket.socket] = {}
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    while True:
+        ready = selector.select(timeout=0 if to_import else 0.2)
+        if not ready and to_import:
+            _import(to_import.pop(0))
+        for _key, _ in ready:
+            conn, _ = listener.accept()
+            try:
+                request, fds = _recv(conn, with_fds=3)
+            except (OSError, ConnectionError, ValueError):
+                conn.close()
+                continue
+            if request.get("executable") != sys.executable or len(fds) != 3:
+                _send(conn, {"refused": f"the host runs {sys.executable}"})
+                conn.close()
+                for fd in fds:
+                    os.close(fd)
+                continue
+            pid = os.fork()
+            if pid == 0:
+                selector.close()
+                for other in children.values():
+                    other.close()
+                _child(conn, listener, request, fds)
+            for fd in fds:
+                os.close(fd)
+            children[pid] = conn
+            _send(conn, {"pid": pid})
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = children.pop(pid, None)
+            if conn is not None:
+                code = os.waitstatus_to_exitcode(status)
+                with suppress(OSError):  # killed by signal N: 128 + N, as a shell says
+                    _send(conn, {"exit": code if code >= 0 else 128 - code})
+                conn.close()
+        if os.getppid() != parent:  # the flow is gone: so is the host (a running stage ends with its command)
+            return
+
+
+@contextmanager
+def hosted(env: dict[str, str] | None = None, preload: tuple[str, ...] = PRELOAD) -> Iterator[dict[str, str]]:
+    """Start a host for the stages run inside the block; yields the environment entry that points them at it.
+
+    ``env``: the host's environment (default ``os.environ``), the same the stages get. ``RLHF_STAGE_HOST=off`` in it:
+    no host, each stage command imports what it needs itself.
+    """
+    if (env or os.environ).get(HOST_ENV) == "off":
+        yield {}
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="rlhf-host-"))
+    path = scratch / "host.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.stage_host", str(path), str(os.getpid()), ",".join(preload)],
+                            env={**(env or os.environ), "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
+                            start_new_session=True)  # the terminal's Ctrl-C reaches the flow, which stops the stage
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield {HOST_ENV: str(path)} if path.exists() else {}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        path.unlink(missing_ok=True)
+        scratch.rmdir()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]), tuple(filter(None, sys.argv[3].split(","))) if len(sys.argv) > 3 else PRELOAD)
