@@ -30,6 +30,7 @@ left RUNNING (``tasks.tracking.lifecycle``).
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from prefect.runtime import flow_run
 from tasks import dvc_ops
 from tasks.isolation import isolated_checkout
 from tasks.params import apply_overrides, load_params
-from tasks.parent_run import close_parent_run, close_stale_runs_of, open_parent_run
+from tasks.parent_run import close_parent_run, close_stale_runs_of, compute_share, open_parent_run
 from tasks.stage_host import hosted
 from tasks.tracking.client import PARENT_RUN_ENV, TRACKING_URI_ENV, resolve_tracking_uri
 from tasks.tracking.gitinfo import git_info
@@ -98,9 +99,10 @@ def push_task(root: str, remote: str | None) -> str:
 
 @task(name="mlflow-summary")
 def summary_task(root: str, tracking: dict[str, Any] | None, parent_run_id: str, status: str, tags: dict[str, str],
-                 stages: list[dict[str, Any]] | None = None, journal_dir: str | None = None) -> str:
+                 stages: list[dict[str, Any]] | None = None, journal_dir: str | None = None,
+                 extra_metrics: dict[str, float] | None = None) -> str:
     uri, _ = close_parent_run(Path(root), tracking, parent_run_id, status=status, summary_tags=tags, stages=stages,
-                              journal_dir=Path(journal_dir) if journal_dir else None)
+                              journal_dir=Path(journal_dir) if journal_dir else None, extra_metrics=extra_metrics)
     return uri
 
 
@@ -155,14 +157,17 @@ def alignment_flow(
     remote: str | None = None,
     stages: list[str] | None = None,
     ref: str | None = None,
+    started_at: float | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline in ``workspace`` (a git + DVC repo of this project).
 
     ``overrides``: ``KEY=VALUE`` applied to params.yaml first (``dpo.beta=0.2``);
     ``stages``: run only these (default: every stage of dvc.yaml, in order);
     ``push``: push outputs to the DVC remote (``remote`` or the default one) at the end;
-    ``ref``: run isolated, from this git ref's committed state (deployments), instead of in the workspace.
+    ``ref``: run isolated, from this git ref's committed state (deployments), instead of in the workspace;
+    ``started_at``: when the run began (``time.time()``; ``rlhf run``: the command's start), for its compute share.
     """
+    started_at = started_at or time.time()
     workspace_root = Path(workspace).resolve()
     name = flow_run.get_name() or "local"
     checkout = isolated_checkout(workspace_root, ref, name, echo=get_run_logger().info) if ref else nullcontext(None)
@@ -204,9 +209,10 @@ def alignment_flow(
             pushed, push_failed = "failed", err
         else:
             push_failed = None
+        share = compute_share(outcomes, read_metrics(Path(root)), time.time() - started_at)
         uri = summary_task(root, tracking, parent, "FINISHED", {"prefect.flow_run_id": flow_run_id, "overrides": str(changed),
                                                                 "dvc.push": "failed" if push_failed else "done" if push else "skipped"},
-                           outcomes, str(journals))
+                           outcomes, str(journals), share)
         if kept := pending_journals(workspace_root, parent_run_id=parent):
             raise tracking_stopped(kept, None)
         if push_failed is not None:
@@ -214,4 +220,4 @@ def alignment_flow(
                                      "FINISHED with its summary (tagged dvc.push=failed).")
         metrics = read_metrics(Path(root))  # an isolated checkout is gone after the block
     return {"metrics": metrics, "parent_run_id": parent, "tracking_uri": uri, "stages": outcomes, "push": pushed, "workspace": root,
-            "isolated": bool(ref), "overrides": changed}
+            "isolated": bool(ref), "overrides": changed, "compute": share}

@@ -34,8 +34,11 @@ def run(
     `dvc exp run -S`), so dvc.lock records what ran and they stay for the next run. A failure or
     Ctrl-C ends it with one message saying what is intact and what to do (README: "When things go wrong").
     """
+    import time
+
     from flows import env_defaults
 
+    started = time.time()  # the compute share is of the whole command, the Prefect server's start included
     root = workspace.resolve()
     env_defaults.apply(root)
     from flows.alignment import alignment_flow
@@ -56,7 +59,7 @@ def run(
         stop_orphans(state_dir(root), echo=typer.echo)  # what a killed run left behind
         with temporary_server(state_dir(root), echo=typer.echo):
             result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote,
-                                    stages=list(stage) or None, ref=ref)
+                                    stages=list(stage) or None, ref=ref, started_at=started)
     except REPORTED as err:
         if isinstance(err, KeyboardInterrupt):
             raise fail(INTERRUPTED, 130) from None

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from rlhf_core import metrics as M
 from rlhf_core.metrics import POLICY_HEADLINE
 from tasks.parent_run import ui_links
 from tasks.policies import POLICY_STAGES
@@ -21,13 +22,19 @@ def _console() -> Console:
 def print_run_summary(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or _console()
     stages = Table(title="Stages")
-    for col in ("stage", "status", "seconds"):
-        stages.add_column(col)
+    for col in ("stage", "status", "seconds", "compute seconds"):
+        stages.add_column(col, justify="right" if "seconds" in col else "left")
     for s in result["stages"]:
-        not_selected = result["metrics"].get(s["stage"], {}).get("trained") == 0  # its <stage>.train switch is off
+        stage_metrics = result["metrics"].get(s["stage"], {})
+        not_selected = stage_metrics.get("trained") == 0  # its <stage>.train switch is off
         status = "not trained (train: false)" if not_selected else "ran" if s["ran"] else "up to date (skipped)"
-        stages.add_row(s["stage"], status, f"{s['seconds']:.1f}")
+        compute = stage_metrics.get(M.COMPUTE_SECONDS) if s["ran"] else None
+        stages.add_row(s["stage"], status, f"{s['seconds']:.1f}", "-" if compute is None else f"{compute:.1f}")
     console.print(stages)
+    if share := result.get("compute"):
+        console.print(f"compute share: {share[M.PIPELINE_COMPUTE_SHARE]:.0%} of the run's {share[M.PIPELINE_WALL_SECONDS]:.0f} s "
+                      f"went into training, generation and scoring loops ({share[M.PIPELINE_COMPUTE_SECONDS]:.0f} s; the "
+                      "rest: starting processes and servers, loading and saving, tracking, DVC)")
 
     prepare = result["metrics"].get("prepare", {})
     if "seconds/data" in prepare:

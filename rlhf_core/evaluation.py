@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from rlhf_core import metrics as M
+from rlhf_core.compute_clock import compute_loop
 from rlhf_core.generation import generate
 from rlhf_core.models.scalar_head import sequence_scores
 from rlhf_core.reward_sources import RewardFn
@@ -78,6 +79,7 @@ class PolicyEvaluation:
         return np.asarray(values, dtype=np.float64).reshape(-1, self.samples_per_prompt)  # (P·k,) -> (P, k)
 
 
+@compute_loop
 @torch.no_grad()
 def evaluate_policy(
     policy, reference, reward_model, tokenizer, prompts: list[str], prompt_ids: list[list[int]], *,
@@ -111,6 +113,7 @@ def evaluate_policy(
                             samples_per_prompt)
 
 
+@compute_loop
 @torch.no_grad()
 def sample_responses(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
                      batch_size: int, seed: int, samples_per_prompt: int = 1) -> list[str]:
@@ -121,6 +124,7 @@ def sample_responses(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_
                     do_sample=True, batch_size=batch_size, seed=seed).texts
 
 
+@compute_loop
 @torch.no_grad()
 def score_responses(reward_model, tokenizer, prompt_ids: list[list[int]], responses: list[str], *, batch_size: int) -> list[float]:
     """Reward-model scores of text responses, re-tokenised with the reward model's ``tokenizer``.

@@ -40,6 +40,15 @@ REWARDS_MARGINS = "rewards/margins"
 LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
 
+COMPUTE_SECONDS = "compute_seconds"
+"""In ``metrics/<stage>.json``: seconds the stage spent in training, generation and scoring loops
+(``rlhf_core.compute_clock``); the rest of its time is overhead."""
+PIPELINE_WALL_SECONDS = "pipeline/wall_seconds"
+PIPELINE_COMPUTE_SECONDS = "pipeline/compute_seconds"
+"""The compute seconds of the stages that ran in this pipeline run (not those DVC skipped)."""
+PIPELINE_COMPUTE_SHARE = "pipeline/compute_share"
+"""Compute seconds ÷ wall seconds of the run (``rlhf run``: from the command's start)."""
+
 BEST_STEP = "checkpoint/best_step"
 """The step of the checkpoint a stage output when it keeps its best evaluation checkpoint (``best_metric``)."""
 BEST_VALUE = "checkpoint/best_value"

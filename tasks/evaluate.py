@@ -25,6 +25,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     import torch
 
     from rlhf_core import metrics as M
+    from rlhf_core.compute_clock import compute_seconds
     from rlhf_core.evaluation import evaluate_policy, pairwise_wins, win_rate
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.promotion import hierarchical_bootstrap_interval
@@ -68,6 +69,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
                                                         seed=cfg.seed)  # values as (P, k)
             metrics[f"{name}/{M.ci_low(key)}"], metrics[f"{name}/{M.ci_high(key)}"] = low, high
     metrics["seconds"] = round(time.perf_counter() - started, 2)
+    metrics[M.COMPUTE_SECONDS] = round(compute_seconds(), 2)
     k = cfg.samples_per_prompt
     samples = [  # the first n_samples_logged responses of each policy: row i answers prompt i // k (its sample i % k)
         {"policy": name, "prompt": prompts[i // k], "sample": i % k, "response": res.responses[i],

@@ -83,10 +83,22 @@ def run_tags(project_dir: Path, stages: list[dict[str, Any]] | None) -> dict[str
     return tags
 
 
+def compute_share(stages: list[dict[str, Any]], metrics: dict[str, dict[str, Any]], wall_seconds: float) -> dict[str, float]:
+    """How much of a pipeline run's wall time went into training, generation and scoring loops: the
+    ``compute_seconds`` of the stages that ran (``metrics/<stage>.json``; stages DVC skipped did nothing)."""
+    from rlhf_core import metrics as M
+
+    ran = {s["stage"] for s in stages if s["ran"]}
+    compute = sum(float(metrics.get(stage, {}).get(M.COMPUTE_SECONDS, 0.0)) for stage in ran)
+    return {M.PIPELINE_WALL_SECONDS: round(wall_seconds, 1), M.PIPELINE_COMPUTE_SECONDS: round(compute, 1),
+            M.PIPELINE_COMPUTE_SHARE: round(compute / wall_seconds, 4) if wall_seconds > 0 else 0.0}
+
+
 def close_parent_run(project_dir: Path, tracking: dict[str, Any] | None, run_id: str, *, status: str,
                      summary_tags: dict[str, str] | None = None, stages: list[dict[str, Any]] | None = None,
-                     journal_dir: Path | None = None) -> tuple[str, Journal | None]:
-    """Log the summary (metrics, params.yaml, dvc.lock, tags) and end the run.
+                     journal_dir: Path | None = None, extra_metrics: dict[str, float] | None = None) -> tuple[str, Journal | None]:
+    """Log the summary (metrics, ``extra_metrics`` such as the run's :func:`compute_share`, params.yaml, dvc.lock,
+    tags) and end the run.
 
     Returns the tracking URI and, when the server was down, the journal that keeps the calls
     (in ``journal_dir``, default the project's ``<state>/tracking_pending``) for ``rlhf sync``.
@@ -98,6 +110,7 @@ def close_parent_run(project_dir: Path, tracking: dict[str, Any] | None, run_id:
         log_parent_summary(
             sink, metrics_dir=project_dir / "metrics", params_file=project_dir / "params.yaml",
             lock_file=project_dir / "dvc.lock", extra_tags={**run_tags(project_dir, stages), **(summary_tags or {})},
+            extra_metrics=extra_metrics,
         )
         link_parent_run(sink, project_dir, registered_model=store.registered_model, stages=stages)
     elif summary_tags:
@@ -276,16 +289,17 @@ def headline_metrics(logged: Mapping[str, float]) -> dict[str, float]:
 
 def log_parent_summary(
     sink: RunSink, *, metrics_dir: Path, params_file: Path, lock_file: Path, extra_tags: Mapping[str, Any],
+    extra_metrics: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Summarise a pipeline run on its parent run (``sink``'s run).
 
     Logs every finite number in ``metrics_dir/*.json`` as ``<stage>/<key>`` (nested keys joined
     by ``/``; also for stages DVC skipped) and the policies' headline numbers again as
-    :func:`headline_metrics`, ``params_file`` and ``lock_file`` as artifacts (when they exist)
+    :func:`headline_metrics`, ``extra_metrics``, ``params_file`` and ``lock_file`` as artifacts (when they exist)
     and ``extra_tags``. Returns the metrics it logged.
     """
     values = metrics_dir_values(Path(metrics_dir))
-    metrics = {**headline_metrics(values), **values}  # first: the run page's metrics table lists them in the order logged
+    metrics = {**headline_metrics(values), **values, **(extra_metrics or {})}  # headline first: the run page lists them in order
     timestamp = int(time.time() * 1000)
     sink.send("log_batch", metrics=[[k, v, timestamp, 0] for k, v in metrics.items()],
               tags=[[k, str(v)] for k, v in extra_tags.items()])

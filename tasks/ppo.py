@@ -20,6 +20,8 @@ STAGE_KEYS = ("reward_fn",)  # read by this stage; the rest of the group is rlhf
 
 
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
+    from rlhf_core.compute_clock import compute_seconds
+    from rlhf_core.metrics import COMPUTE_SECONDS
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.trainers.ppo import PPOConfig, train_ppo
     from tasks.launch import barrier, is_main_process
@@ -66,7 +68,8 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
     barrier()  # every process is done with the checkpoints (best weights included) before rank 0 saves and removes them
     if not is_main_process():
         return result.metrics
-    metrics = {**result.metrics, **lengths, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2)}
+    metrics = {**result.metrics, **lengths, "updates": result.updates, "seconds": round(time.perf_counter() - started, 2),
+               COMPUTE_SECONDS: round(compute_seconds(), 2)}
     metrics.update({f"reward_norm/{k}": v for k, v in result.reward_norm.items()})
     metrics.update(write_overoptimization(STAGE, curves, ws.plots(STAGE)))
     return finish_online_stage(STAGE, ws, tracker, result, tokenizer, curves, ckpt, metrics)

@@ -74,8 +74,10 @@ def _judge(metric: str, gold_fn, reward_model, tokenizer, prompt_ids: list[list[
 def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str, Any]:
     import torch
 
+    from rlhf_core.compute_clock import compute_seconds
     from rlhf_core.data.tokenize import encode_prompts
     from rlhf_core.evaluation import evaluate_policy, sample_responses
+    from rlhf_core.metrics import COMPUTE_SECONDS
     from rlhf_core.models import load_causal_lm, load_reward_model
     from rlhf_core.models import load_tokenizer as load_tokenizer_from
     from rlhf_core.promotion import decide
@@ -139,6 +141,7 @@ def run(params: dict[str, Any], ws: Workspace, tracker: Any = None) -> dict[str,
         "baseline_score": sum(baseline_scores) / len(baseline_scores),
         "previous_champion": champion.version if champion is not None else None,
         "seconds": round(time.perf_counter() - started, 2),
+        COMPUTE_SECONDS: round(compute_seconds(), 2),
     }
     if tracker is not None and cfg.register:
         record.update(_register(params, ws, tracker, client, name, cfg.policy, tokenizer, record, store.uri))

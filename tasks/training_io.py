@@ -132,6 +132,8 @@ def run_training_stage(
     """
     import time
 
+    from rlhf_core import metrics as M
+    from rlhf_core.compute_clock import compute_seconds
     from tasks.launch import barrier, is_main_process
     from tasks.lengths import with_auto_lengths
     from tasks.params import typed
@@ -161,6 +163,7 @@ def run_training_stage(
         **tokenize_stats("data/eval", result.eval_stats),
         **lengths,
         "seconds": round(time.perf_counter() - started, 2),
+        M.COMPUTE_SECONDS: round(compute_seconds(), 2),
     }
     if extra_metrics is not None:
         metrics.update(extra_metrics(metrics))

@@ -45,6 +45,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from rlhf_core import metrics as M
+from rlhf_core.compute_clock import compute_loop
 from rlhf_core.errors import UserFacingError
 from rlhf_core.rollout import SampledBatch, prompt_rows, sample_batch
 from rlhf_core.trainers.common import BaseTrainConfig, LogFn, resolve_precision
@@ -369,6 +370,7 @@ class OnlineLoop:
 
     # --- the loop -------------------------------------------------------------------------
 
+    @compute_loop
     def train(self) -> None:
         cfg = self.cfg
         checkpoint = resume_from_latest(self.accelerator) if cfg.resume else None
