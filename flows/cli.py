@@ -48,6 +48,7 @@ def run(
     from tasks.params import ParamsError
     from tasks.preflight import preflight
     from tasks.process_groups import stop_orphans
+    from tasks.stage_host import hosted
     from tasks.workspace import state_dir
 
     try:
@@ -57,7 +58,8 @@ def run(
     quiet_reported_failures()
     try:
         stop_orphans(state_dir(root), echo=typer.echo)  # what a killed run left behind
-        with temporary_server(state_dir(root), echo=typer.echo):
+        # The stage host imports the training libraries while the Prefect server starts (both take seconds).
+        with hosted(export=True), temporary_server(state_dir(root), echo=typer.echo):
             result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote,
                                     stages=list(stage) or None, ref=ref, started_at=started)
     except REPORTED as err:

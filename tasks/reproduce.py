@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_core.metrics import COMPUTE_SECONDS
 from tasks import dvc_ops
 
-TIMING_KEYS = ("seconds",)
+TIMING_KEYS = ("seconds", COMPUTE_SECONDS)
 DECISIONS = ("promote",)  # decided against the registry of that day: reported as logged, not re-decided
 
 

@@ -254,26 +254,38 @@ def serve(path: str, parent: int, preload: tuple[str, ...] = PRELOAD) -> None:
 
 
 @contextmanager
-def hosted(env: dict[str, str] | None = None, preload: tuple[str, ...] = PRELOAD) -> Iterator[dict[str, str]]:
+def hosted(env: dict[str, str] | None = None, preload: tuple[str, ...] = PRELOAD, *,
+           export: bool = False) -> Iterator[dict[str, str]]:
     """Start a host for the stages run inside the block; yields the environment entry that points them at it.
 
     ``env``: the host's environment (default ``os.environ``), the same the stages get. ``RLHF_STAGE_HOST=off`` in it:
-    no host, each stage command imports what it needs itself.
+    no host, each stage command imports what it needs itself; the socket of a host already running (``rlhf run`` starts
+    one before the Prefect server, so both start at once): that host serves. ``export``: also set the entry in
+    ``os.environ`` inside the block (for a flow started in this process).
     """
-    if (env or os.environ).get(HOST_ENV) == "off":
-        yield {}
+    given = (env or os.environ).get(HOST_ENV)
+    if given == "off" or (given and Path(given).exists()):
+        yield {} if given == "off" else {HOST_ENV: given}
         return
     scratch = Path(tempfile.mkdtemp(prefix="rlhf-host-"))
     path = scratch / "host.sock"
     proc = subprocess.Popen([sys.executable, "-m", "tasks.stage_host", str(path), str(os.getpid()), ",".join(preload)],
                             env={**(env or os.environ), "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL,
                             start_new_session=True)  # the terminal's Ctrl-C reaches the flow, which stops the stage
+    previous = os.environ.get(HOST_ENV)
     try:
         deadline = time.monotonic() + 30
         while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        yield {HOST_ENV: str(path)} if path.exists() else {}
+        entry = {HOST_ENV: str(path)} if path.exists() else {}
+        if export:
+            os.environ.update(entry)
+        yield entry
     finally:
+        if export and previous is None:
+            os.environ.pop(HOST_ENV, None)
+        elif export:
+            os.environ[HOST_ENV] = previous
         proc.terminate()
         try:
             proc.wait(timeout=10)

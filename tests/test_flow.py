@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_core import metrics as M
 from tasks.dvc_ops import status_clean
 from tests.workspace_factory import make_workspace, run
 
@@ -86,6 +87,13 @@ def test_flow_runs_every_stage_and_summarises_on_the_parent_run(flow_ws, first_r
     assert {c.data.tags["stage"] for c in children} == set(stages)
     # pushed to the local DVC remote
     assert any((flow_ws.parent / "ws-remote").rglob("*"))
+    # the compute share: the loops' seconds of the stages that ran, over the run's wall time
+    share = first_run["compute"]
+    trained = [first_run["metrics"][s["stage"]][M.COMPUTE_SECONDS] for s in first_run["stages"] if s["stage"] in ("sft", "reward", "dpo")]
+    assert all(c > 0 for c in trained)
+    assert sum(trained) <= share[M.PIPELINE_COMPUTE_SECONDS] + 0.1 < share[M.PIPELINE_WALL_SECONDS]  # (rounding)
+    assert parent.data.metrics[M.PIPELINE_COMPUTE_SHARE] == pytest.approx(share[M.PIPELINE_COMPUTE_SHARE])
+    assert share[M.PIPELINE_COMPUTE_SHARE] == pytest.approx(share[M.PIPELINE_COMPUTE_SECONDS] / share[M.PIPELINE_WALL_SECONDS], abs=1e-3)
 
 
 def test_second_run_skips_every_stage_and_dvc_has_nothing_to_do(flow_ws, first_run):
@@ -94,6 +102,7 @@ def test_second_run_skips_every_stage_and_dvc_has_nothing_to_do(flow_ws, first_r
     result = alignment_flow(workspace=str(flow_ws))
     assert not any(s["ran"] for s in result["stages"] if s["stage"] != "ingest")  # ingest always checks the sources
     assert status_clean(flow_ws)
+    assert result["compute"][M.PIPELINE_COMPUTE_SECONDS] == 0  # nothing trained or sampled: no compute this time
 
 
 def test_override_reruns_only_the_affected_stages(flow_ws, beta_run):
