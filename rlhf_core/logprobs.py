@@ -228,7 +228,7 @@ def packed_causal_lm_logits(model: nn.Module, input_ids: Tensor, position_ids: T
 
     No attention mask, on purpose: transformers then reads the sequence boundaries from ``position_ids``
     (a restart at 0) and builds a block-diagonal causal mask. ``use_cache=False`` is required too: with a
-    cache (the default in eval mode) transformers skips that detection and one row is one sequence.
+    cache (``config.use_cache``, on by default) transformers skips that detection and one row is one sequence.
     """
     _check_same_shape(input_ids=input_ids, position_ids=position_ids)
     return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits

@@ -9,11 +9,12 @@ and flash-attention paths alike) then reads the sequence boundaries from the pos
 a block-diagonal causal mask, so no token attends across a boundary and each sequence's outputs equal
 its padded ones (checked per model by ``rlhf_core.trainers.padding_free``).
 
-Why rows of ``T_max`` rather than one row of all ``N`` tokens: on CPU (and with sdpa on GPU) the
-attention kernel computes the full masked ``N × N`` score matrix, so one long row costs more than
-padding (measured in ``bench/packing.py``'s notes: ~1.3 s against ~1.1 s padded and ~0.35 s packed in
-rows, for 32 HH-length sequences); rows no wider than the longest sequence never cost more attention
-than the padded batch.
+Why rows of ``T_max`` rather than one row of all ``N`` tokens (TRL's and transformers' flattening
+collators): without a varlen kernel (CPU, sdpa or eager on GPU) attention computes the full masked
+``N × N`` score matrix, so one long row can cost more than padding (forward + backward of the tiny
+GPT-2 on 32 HH-length sequences: padded 1.10 s, one row 1.38 s, rows of ``T_max`` 0.34 s; see
+``docs/benchmarks.md``). Rows no wider than the longest sequence never cost more attention than the
+padded batch.
 
 The free space at the end of a row is filled with ``pad`` tokens that form a "sequence" of their own
 (position ids restarting at 0), owned by no example (``sequence_ids == -1``) and never read.

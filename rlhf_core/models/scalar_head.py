@@ -216,7 +216,7 @@ def token_scores(
         )
     if attention_mask is not None:
         kwargs = {"attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
-    else:  # without a cache: transformers skips packed-sequence detection when one is built (eval mode's default)
+    else:  # no cache: with one (config.use_cache) transformers skips packed-sequence detection
         kwargs = {"position_ids": position_ids, "use_cache": False}
     captured: list[torch.Tensor] = []
     handle = _score_head(model).register_forward_hook(lambda _module, _inputs, output: captured.append(output))
