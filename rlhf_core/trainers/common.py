@@ -8,6 +8,7 @@ Accelerate); our trainers only override ``compute_loss`` and ``evaluate``.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -250,6 +251,47 @@ class StoredMetricsTrainer(Trainer):
         from accelerate.utils import gather_object
 
         return torch.tensor(gather_object(values.tolist()), dtype=values.dtype, device=values.device)
+
+
+def train_batches_read(trainer: Trainer) -> list[list[int]] | None:
+    """The row-index batches of ``trainer.train_dataset`` that its ``max_steps`` steps will read, over all processes.
+
+    Read from the Trainer's own train dataloader: its sampler's order for each epoch the steps reach (accelerate's
+    ``SeedableRandomSampler`` draws each epoch's permutation from ``data_seed + epoch`` with a generator of its own,
+    so nothing is drawn from the global RNG), cut where the Trainer's loop stops (``set_initial_training_values``:
+    batches per epoch, updates per epoch; ``gradient_accumulation_steps`` batches per update). Every process gets
+    the same list: step by step, process 0's batch, then process 1's, ... A run resumed from a checkpoint reads a
+    part of these. ``None`` where the order is not known before training: a sampler that draws from the global RNG
+    (``use_seedable_sampler`` off, ``group_by_length``), epoch-based training, dispatched or uneven batches.
+    """
+    from accelerate.data_loader import BatchSamplerShard, DataLoaderShard
+
+    args = trainer.args
+    if (args.max_steps <= 0 or not args.accelerator_config.use_seedable_sampler
+            or args.train_sampling_strategy not in ("random", "sequential") or trainer.get_sp_size() > 1):
+        return None
+    loader = trainer.get_train_dataloader()
+    shard = loader.batch_sampler
+    if not isinstance(loader, DataLoaderShard) or (isinstance(shard, BatchSamplerShard) and not shard.even_batches):
+        return None
+    epochs, updates_per_epoch, *_, batches_per_epoch, max_steps = trainer.set_initial_training_values(args, loader)
+    per_process = [shard] if not isinstance(shard, BatchSamplerShard) else [
+        BatchSamplerShard(shard.batch_sampler, shard.num_processes, rank, shard.split_batches, shard.even_batches)
+        for rank in range(shard.num_processes)]
+    read: list[list[int]] = []
+    steps_left = max_steps
+    for epoch in range(epochs):
+        updates = min(updates_per_epoch, steps_left)
+        n_batches = min(updates * args.gradient_accumulation_steps, batches_per_epoch)  # the last update may read fewer
+        steps_left -= updates
+        orders = []
+        for sampler in per_process:
+            loader.set_epoch(epoch)  # what the loader does before each pass: the sampler's seed is data_seed + epoch
+            orders.append(list(itertools.islice(sampler, n_batches)))
+        read += [order[i] for i in range(n_batches) for order in orders]
+        if steps_left <= 0:
+            break
+    return read
 
 
 def latest_checkpoint(output_dir: str | Path) -> str | None:

@@ -5,13 +5,18 @@
 examples). The reference policy is the starting model. By default its log-probs are computed once before
 training (``reference="precomputed"``: no second model in memory, as TRL's
 ``precompute_ref_log_probs``); ``reference="live"`` keeps a frozen copy (or, with LoRA, the
-base model with adapters disabled) and scores each batch.
+base model with adapters disabled) and scores each batch. Precomputed, only the training rows the Trainer's
+sampler will read in ``max_steps`` steps are scored (batched as it reads them; the rest stay NaN, and a NaN
+reaching the loss raises), and the whole eval set.
 Log-probs are sums over completion tokens; completion-token means for ``ipo`` (as TRL).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
+import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +45,7 @@ from rlhf_core.trainers.common import (
     TrainConfig,
     WithScalarFields,
     run_training,
+    train_batches_read,
     training_arguments,
 )
 from rlhf_core.trainers.curve_probe import CurveProbe, distinct_prompt_records
@@ -152,36 +158,54 @@ def kl_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return sequence_logprobs(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
 
 
-def has_kl_pairs(batch: dict[str, torch.Tensor]) -> bool:
-    return "kl_input_ids" in batch or PackedGroup.from_batch(batch, "kl") is not None
-
-
 @torch.no_grad()
 def precompute_reference_logps(
     model: torch.nn.Module, tokenized: datasets.Dataset, pad_token_id: int, *, average: bool, batch_size: int,
-    desc: str = "reference log-probs", padding_free: bool = False,
+    desc: str = "reference log-probs", padding_free: bool = False, batches: list[list[int]] | None = None,
 ) -> datasets.Dataset:
     """Adds ``ref_chosen_logps``/``ref_rejected_logps`` (and, for KTO, ``ref_kl_logps``) scored by the (frozen) reference.
 
     ``padding_free``: score packed batches (only for a model that keeps packed sequences apart).
+    ``batches``: score only these rows, batched so (a row of several batches in its first), NaN for the others;
+    ``None``: every row, in order, ``batch_size`` at a time. A row's log-prob can differ in the last bits with the
+    batch it is scored in (its padding, its packing): batched as the Trainer reads them, the reference values are
+    what a frozen copy of the model computes on the training batch (``reference="live"``).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     collator = (PackedPreferenceCollator if padding_free else PreferenceCollator)(pad_token_id)
-    loader = DataLoader(tokenized, batch_size=batch_size, shuffle=False, collate_fn=collator)
-    chosen_all, rejected_all, kl_all = [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False):
+    plan = [list(range(i, min(i + batch_size, len(tokenized)))) for i in range(0, len(tokenized), batch_size)]
+    if batches is not None:
+        seen: set[int] = set()
+        plan = []
+        for read in batches:
+            fresh = [i for i in dict.fromkeys(read) if i not in seen]  # unique, in order, not scored yet
+            seen.update(fresh)
+            plan += [fresh] if fresh else []
+    fields = REF_FIELDS + ([KL_REF_FIELD] if "kl_input_ids" in tokenized.column_names else [])  # KTO's mismatched pairs
+    values = {name: [math.nan] * len(tokenized) for name in fields}
+    # Its own generator: iterating draws a base seed, and this may run after the Trainer seeded the global RNG.
+    loader = DataLoader(tokenized, batch_sampler=plan, collate_fn=collator, generator=torch.Generator())
+    for rows, batch in zip(plan, tqdm(loader, desc=desc, leave=False)):
         batch = {k: v.to(device) for k, v in batch.items()}
-        chosen, rejected = pair_logps(model, batch, average=average)
-        chosen_all += chosen.float().cpu().tolist()
-        rejected_all += rejected.float().cpu().tolist()
-        if has_kl_pairs(batch):  # KTO's mismatched pairs
-            kl = kl_logps(model, batch)
-            kl_all += kl.float().cpu().tolist()
+        scored = [*pair_logps(model, batch, average=average)] + ([kl_logps(model, batch)] if len(fields) > 2 else [])
+        for name, logps in zip(fields, scored):
+            for i, value in zip(rows, logps.float().cpu().tolist()):
+                values[name][i] = value
     model.train(was_training)
-    out = tokenized.add_column(REF_FIELDS[0], chosen_all).add_column(REF_FIELDS[1], rejected_all)
-    return out.add_column(KL_REF_FIELD, kl_all) if kl_all else out
+    for name in fields:
+        tokenized = tokenized.add_column(name, values[name])
+    return tokenized
+
+
+def precomputed(batch: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``batch[name]``, a precomputed reference log-prob per row: (B,). Raises on a row that was not scored."""
+    values = batch[name]
+    if torch.isnan(values).any():
+        raise RuntimeError(f"{name}: a row without a precomputed reference log-prob reached the loss; only the rows "
+                           "the Trainer was to read were scored (rlhf_core.trainers.common.train_batches_read)")
+    return values
 
 
 class DPOTrainer(StoredMetricsTrainer):
@@ -191,7 +215,7 @@ class DPOTrainer(StoredMetricsTrainer):
 
     def _reference_logps(self, batch: dict[str, torch.Tensor], average: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dpo.reference == "precomputed":
-            return batch[REF_FIELDS[0]], batch[REF_FIELDS[1]]
+            return precomputed(batch, REF_FIELDS[0]), precomputed(batch, REF_FIELDS[1])
         with torch.no_grad():
             if self.ref_model is not None:
                 return pair_logps(self.ref_model, batch, average=average)
@@ -228,7 +252,7 @@ class DPOTrainer(StoredMetricsTrainer):
         with torch.no_grad():
             policy = kl_logps(model, batch)  # (B,)
             if self.dpo.reference == "precomputed":
-                ref = batch[KL_REF_FIELD].to(policy.dtype)
+                ref = precomputed(batch, KL_REF_FIELD).to(policy.dtype)
             elif self.ref_model is not None:
                 ref = kl_logps(self.ref_model, batch)
             else:
@@ -305,14 +329,11 @@ def train_dpo(
     fields: list[str] = []
     # Probed before LoRA wraps the model (adapters do not change how it positions tokens).
     packed = cfg.padding_free and padding_free_is_exact(model, ref_model if ref_model is not model else None)
+    reference = None  # the model whose log-probs are precomputed, once the Trainer is built
     if cfg.method not in NEEDS_REFERENCE:
         ref_model = None  # SimPO and ORPO are reference-free: no reference log-probs, no frozen copy
     elif cfg.reference == "precomputed":
         reference = ref_model if ref_model is not None else model
-        average = cfg.loss_type in LENGTH_NORMALISED and cfg.method == "dpo"
-        kwargs = dict(average=average, batch_size=cfg.per_device_eval_batch_size, padding_free=packed)
-        train_tok = precompute_reference_logps(reference, train_tok, tokenizer.pad_token_id, **kwargs)
-        eval_tok = precompute_reference_logps(reference, eval_tok, tokenizer.pad_token_id, **kwargs)
         fields = REF_FIELDS + ([KL_REF_FIELD] if cfg.method == "kto" else [])
     elif ref_model is None and cfg.lora is None:
         ref_model = copy.deepcopy(model)  # frozen snapshot of the starting policy
@@ -322,6 +343,7 @@ def train_dpo(
                            distinct_prompt_records(eval_data, cfg.overopt_prompts), max_length=cfg.max_length,
                            max_new_tokens=cfg.overopt_max_new_tokens, temperature=cfg.overopt_temperature,
                            batch_size=cfg.per_device_eval_batch_size, seed=cfg.seed, gold_fn=monitor_fn)
+    base = model
     model = maybe_apply_lora(model, cfg.lora, task_type="CAUSAL_LM")
     trainer = DPOTrainer(
         model=model,
@@ -334,6 +356,18 @@ def train_dpo(
         callbacks=[LogFnCallback(log_fn), *(callbacks or [])],
         **trainer_kwargs,
     )
+    if reference is not None:
+        # Only the rows the Trainer's sampler will read (it needs the Trainer), batched as it reads them.
+        batches = train_batches_read(trainer)
+        if batches is not None and len(set(itertools.chain.from_iterable(batches))) >= len(train_tok):
+            batches = None  # every row is read: score them all
+        average = cfg.loss_type in LENGTH_NORMALISED and cfg.method == "dpo"
+        kwargs = dict(average=average, batch_size=cfg.per_device_eval_batch_size, padding_free=packed)
+        adapters_off = model.disable_adapter() if reference is base and model is not base else nullcontext()
+        with adapters_off:  # LoRA wrapped the starting model in place: with its adapters off, it is the reference
+            trainer.train_dataset = precompute_reference_logps(reference, train_tok, tokenizer.pad_token_id,
+                                                               batches=batches, **kwargs)
+            trainer.eval_dataset = precompute_reference_logps(reference, eval_tok, tokenizer.pad_token_id, **kwargs)
     trainer.dpo = cfg
     trainer.curve_probe = probe
     if cfg.reference == "live" and ref_model is not None:
