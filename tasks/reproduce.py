@@ -14,6 +14,7 @@ Then each logged metric is compared with the rebuilt one. Timings are reported, 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +24,7 @@ from typing import Any
 
 from rlhf_core.metrics import COMPUTE_SECONDS
 from tasks import dvc_ops
+from tasks.stage_host import hosted
 
 TIMING_KEYS = ("seconds", COMPUTE_SECONDS)
 DECISIONS = ("promote",)  # decided against the registry of that day: reported as logged, not re-decided
@@ -108,14 +110,15 @@ def reproduce(workspace: Path, run_id: str, *, recompute: bool = False, tracking
         env = {"RLHF_WORKSPACE": str(worktree), "MLFLOW_TRACKING_URI": f"sqlite:///{worktree / 'mlflow.db'}"}
         # Stages that read the outside world (ingest's sources) are restored as the run saw it, not re-run.
         outside = dvc_ops.always_changed_stages(worktree)
-        for stage in dvc_ops.stage_order(worktree):
-            if stage in outside:
-                echo(f"[reproduce] restoring {stage}'s outputs (the run's data snapshot) from the DVC remote")
-                dvc_ops.dvc(worktree, "pull", stage)
-                continue
-            if stage in DECISIONS:
-                continue
-            dvc_ops.repro_stage(worktree, stage, force=True, echo=echo, env=env)
+        with hosted({**os.environ, **env}) as host:  # one warm process starts every stage, as in `rlhf run`
+            for stage in dvc_ops.stage_order(worktree):
+                if stage in outside:
+                    echo(f"[reproduce] restoring {stage}'s outputs (the run's data snapshot) from the DVC remote")
+                    dvc_ops.dvc(worktree, "pull", stage)
+                    continue
+                if stage in DECISIONS:
+                    continue
+                dvc_ops.repro_stage(worktree, stage, force=True, echo=echo, env={**env, **host})
         outputs_match = lock_out_hashes(worktree / "dvc.lock") == lock_out_hashes(Path(record["lock"]))
         for path in record["metrics"]:
             if Path(path).stem in (*outside, *DECISIONS):

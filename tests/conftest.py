@@ -51,3 +51,20 @@ def fixtures_dir() -> Path:
 def tracking_uri(tmp_path_factory) -> str:
     """One SQLite MLflow store per test module (created once; stages run in process track to it)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+LONGEST_FIRST = (
+    "test_recurring.py", "test_flow.py", "test_pipeline_dvc.py", "test_interrupts.py", "test_outages.py",
+    "test_multiprocess.py", "test_offline_methods.py", "test_real_data.py", "test_ppo.py", "test_trainers.py",
+    "test_tracking.py", "test_validate_stage.py", "test_pretrained_pipeline.py", "test_ingest.py", "test_grpo.py",
+)
+"""Test files that take longest (whole pipeline runs, learning tests), measured on 2 cores: handed to the xdist
+workers first (``--no-loadscope-reorder`` in pyproject.toml keeps this order; xdist's default puts files with many
+tests first, which left the longest file to start last and run alone at the end)."""
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Longest files first; everything else keeps pytest-randomly's shuffled order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
