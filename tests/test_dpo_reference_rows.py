@@ -63,14 +63,15 @@ class Recorder:
         monkeypatch.setattr(dpo_module, "precompute_reference_logps", score)
 
 
-def _run(toy, tmp_path, name, **overrides):
+def _run(toy, tmp_path, name, callbacks=None, **overrides):
     pref, tokenizer = toy
     policy = build_tiny_causal_lm(tokenizer, TinyModelConfig(hidden_size=32, n_layer=1, n_head=2, max_positions=32), seed=0)
     cfg = DPOConfig(**{**dict(output_dir=str(tmp_path / name), max_steps=STEPS, save_steps=100, eval_steps=100,
                               logging_steps=1, per_device_train_batch_size=BATCH, max_length=32, progress=False,
                               learning_rate=1e-2, seed=5, eval_on_start=False), **overrides})
     logs: list[tuple[int, dict]] = []
-    result = train_dpo(policy, tokenizer, pref, pref.select(range(16)), cfg, log_fn=lambda m, s: logs.append((s, m)))
+    result = train_dpo(policy, tokenizer, pref, pref.select(range(16)), cfg, log_fn=lambda m, s: logs.append((s, m)),
+                       callbacks=callbacks)
     losses = [(step, m["train/loss"]) for step, m in logs if "train/loss" in m and "train/total_flos" not in m]
     assert len(losses) == cfg.max_steps
     return losses, result.model
@@ -109,6 +110,15 @@ def test_a_row_read_without_a_reference_stops_training(toy, tmp_path, monkeypatc
     Recorder(monkeypatch, change_batches=lambda b: b[:-1])  # the last batch read is not scored
     with pytest.raises(RuntimeError, match="without a precomputed reference log-prob"):
         _run(toy, tmp_path, "short")
+
+
+def test_a_resumed_run_reads_only_scored_rows_and_ends_as_the_straight_run(toy, tmp_path):
+    _, straight = _run(toy, tmp_path, "straight", save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(toy, tmp_path, "resumed", save_steps=2, callbacks=[StopAt(3)])
+    _, resumed = _run(toy, tmp_path, "resumed", save_steps=2)  # from checkpoint-2: steps 3 and 4 (the NaN guard is on)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_lora_reference_is_the_base_model(toy, tmp_path, monkeypatch):
