@@ -221,7 +221,8 @@ def serve(path: str, parent: int, preload: tuple[str, ...] = PRELOAD) -> None:
                 conn.close()
                 continue
             if request.get("executable") != sys.executable or len(fds) != 3:
-                _send(conn, {"refused": f"the host runs {sys.executable}"})
+                with suppress(OSError):  # a command that has gone already
+                    _send(conn, {"refused": f"the host runs {sys.executable}"})
                 conn.close()
                 for fd in fds:
                     os.close(fd)
@@ -235,7 +236,8 @@ def serve(path: str, parent: int, preload: tuple[str, ...] = PRELOAD) -> None:
             for fd in fds:
                 os.close(fd)
             children[pid] = conn
-            _send(conn, {"pid": pid})
+            with suppress(OSError):  # its command has gone already: the child's watch ends it
+                _send(conn, {"pid": pid})
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

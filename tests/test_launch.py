@@ -82,8 +82,8 @@ WORKER = textwrap.dedent("""
     import os, sys, time
     from tasks.launch import follow_launcher
     follow_launcher()
-    print(os.getpid(), flush=True)
-    try:
+    try:  # the pid line tells the test to signal: from here on the interrupt lands inside the try
+        print(os.getpid(), flush=True)
         time.sleep(60)
     except KeyboardInterrupt:
         print("interrupted", flush=True)

@@ -39,7 +39,9 @@ def test_a_tracking_server_killed_mid_stage_keeps_the_model_and_sync_completes_t
     port = free_port()
     with running_mlflow_server(store, port) as (uri, server):
         # Short per-request bounds: the test is about what happens, not the default bound (33 s a call, README).
-        ws = make_workspace(tmp_path / "ws", [f"tracking.uri={uri}", "tracking.timeout_s=3", "tracking.max_retries=1"])
+        # SFT long enough for the server to die in the middle of it (the tiny default's 12 steps can end first).
+        ws = make_workspace(tmp_path / "ws", [f"tracking.uri={uri}", "tracking.timeout_s=3", "tracking.max_retries=1",
+                                              "sft.max_steps=300", "sft.eval_steps=150", "sft.save_steps=150"])
         proc = rlhf(ws, "run", "--no-push")
         wait_for_stage_run(store / "mlflow.db", proc, "sft")
         os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, as a crash would
