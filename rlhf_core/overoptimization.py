@@ -62,8 +62,10 @@ def fit_rl_curve(d: Tensor, reward: Tensor) -> RLCurveFit:
         reward: (N,) reward minus the initial policy's at each point.
 
     Returns:
-        :class:`RLCurveFit`: ``argmin_{α,β} Σ_i (R_i − α·d_i + β·d_i·log d_i)²``, solved as the linear system
-        ``X·[α, β]ᵀ ≈ R`` with ``X = [d, −d·log d]`` (N, 2).
+        :class:`RLCurveFit`: ``argmin_{α,β} Σ_i (R_i − α·d_i + β·d_i·log d_i)²``, the least-squares solution of
+        ``X·[α, β]ᵀ ≈ R`` with ``X = [d, −d·log d]`` (N, 2), from its 2×2 normal equations ``XᵀX·θ = XᵀR`` with
+        exactly rounded sums (``math.fsum``): the same bits on every machine and in every process (a LAPACK solve
+        can differ in the last bits with memory alignment, and ``rlhf reproduce`` compares metrics exactly).
 
     Raises:
         ValueError: on mismatched or non-finite inputs, a negative d, or fewer than two distinct d > 0 (points at
@@ -79,11 +81,16 @@ def fit_rl_curve(d: Tensor, reward: Tensor) -> RLCurveFit:
     distinct = torch.unique(d[d > 0])
     if len(distinct) < 2:
         raise ValueError(f"fit_rl_curve: needs at least 2 distinct points with d > 0 to fit (alpha, beta), got {len(distinct)}")
-    x = torch.stack([rl_curve(d, 1.0, 0.0), rl_curve(d, 0.0, 1.0)], dim=1)  # (N, 2): columns d and −d·log d
-    theta = torch.linalg.lstsq(x, reward[:, None]).solution[:, 0]  # (2,)
-    residual = reward - x @ theta  # (N,)
-    return RLCurveFit(alpha=float(theta[0]), beta=float(theta[1]), rmse=float(residual.pow(2).mean().sqrt()),
-                      n_points=len(d))
+    x1, x2, r = rl_curve(d, 1.0, 0.0).tolist(), rl_curve(d, 0.0, 1.0).tolist(), reward.tolist()  # d, −d·log d, R
+
+    def dot(u: list[float], v: list[float]) -> float:
+        return math.fsum(a * b for a, b in zip(u, v))
+
+    a, b, c = dot(x1, x1), dot(x1, x2), dot(x2, x2)  # XᵀX = [[a, b], [b, c]], invertible for 2 distinct d > 0
+    det = a * c - b * b
+    alpha, beta = (c * dot(x1, r) - b * dot(x2, r)) / det, (a * dot(x2, r) - b * dot(x1, r)) / det
+    residual = [ri - alpha * u - beta * v for ri, u, v in zip(r, x1, x2)]
+    return RLCurveFit(alpha=alpha, beta=beta, rmse=math.sqrt(math.fsum(e * e for e in residual) / len(r)), n_points=len(d))
 
 
 def fitted_peak(fit: RLCurveFit) -> tuple[float, float] | None:

@@ -129,8 +129,8 @@ def _import(name: str) -> None:
 
 
 def _fresh_random_state() -> None:
-    """A forked child would share the host's random state; a new process starts from fresh entropy (stages that
-    want reproducible numbers seed themselves)."""
+    """The random state a new process would start with, not the host's: Python's, numpy's and torch's generators from
+    fresh entropy (stages that want reproducible numbers seed themselves)."""
     import random
 
     random.seed()

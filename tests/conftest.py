@@ -68,3 +68,14 @@ def pytest_collection_modifyitems(session, config, items):
     """Longest files first; everything else keeps pytest-randomly's shuffled order (a stable sort)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test starts with no Accelerate state: a test that trains in mixed precision in this process (the GPU
+    benchmark's tiny bf16 run) would otherwise leave its settings to the next one's ``Accelerator``, which refuses
+    different ones. A stage process starts fresh in the same way."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)

@@ -30,6 +30,7 @@ print("host env seen:", os.environ.get("RLHF_STAGE_HOST"), flush=True)
 print("version", VERSION, flush=True)
 if sys.argv[1:] == ["sleep"]:
     try:
+        print("sleeping", flush=True)  # inside the try: an interrupt from now on is the stage's to handle
         time.sleep(60)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
@@ -74,7 +75,7 @@ def test_the_child_runs_the_commands_own_code_arguments_environment_and_exit_sta
 
 def test_ctrl_c_reaches_the_stage_and_its_exit_status_comes_back(tmp_path, host):
     proc = _command(_package(tmp_path / "ws", "1"), host, "sleep")
-    _wait_for_line(proc, "version")
+    _wait_for_line(proc, "sleeping")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "interrupted" in out
