@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from rlhf_core import metrics as M
 from rlhf_core.compute_clock import compute_loop
 from rlhf_core.errors import UserFacingError
-from rlhf_core.rollout import SampledBatch, prompt_rows, sample_batch
+from rlhf_core.rollout import prompt_rows
 from rlhf_core.trainers.common import BaseTrainConfig, LogFn, resolve_precision
 
 SamplesFn = Callable[[list[dict[str, Any]], int], None]
@@ -158,44 +158,6 @@ def contiguous_share(n: int, parts: int, index: int) -> range:
     size, extra = divmod(n, parts)
     start = index * size + min(index, extra)
     return range(start, start + size + (index < extra))
-
-
-def merge_sampled(parts: list[SampledBatch], pad_id: int) -> SampledBatch:
-    """One batch of several sampled batches: prompts left-padded, responses right-padded to the widest."""
-    import torch
-    from torch.nn.functional import pad
-
-    width_q = max(p.n_query for p in parts)
-    width_r = max(p.response_mask.shape[1] for p in parts)
-
-    def widen(t: Any, q: int, value: int) -> Any:  # (b, q + r) -> (b, Q + R)
-        query, response = pad(t[:, :q], (width_q - q, 0), value=value), t[:, q:]
-        return torch.cat([query, pad(response, (0, width_r - response.shape[1]), value=value)], dim=1)
-
-    return SampledBatch(
-        query_response=torch.cat([widen(p.query_response, p.n_query, pad_id) for p in parts]),  # (B, Q+R)
-        attention_mask=torch.cat([widen(p.attention_mask, p.n_query, 0) for p in parts]),  # (B, Q+R)
-        n_query=width_q,
-        response_mask=torch.cat([pad(p.response_mask, (0, width_r - p.response_mask.shape[1])) for p in parts]),  # (B, R)
-        has_eos=torch.cat([p.has_eos for p in parts]),  # (B,)
-        texts=[t for p in parts for t in p.texts],
-    )
-
-
-def sample_rows(policy: Any, tokenizer: Any, prompt_ids: list[list[int]], *, batch_size: int, seed: int | None = None,
-                seed_of_row: Callable[[int], int] | None = None, **generation: Any) -> SampledBatch:
-    """``sample_batch`` of one response per prompt, ``batch_size`` rows per ``generate`` call.
-
-    With ``seed_of_row``, the call whose first row is ``i`` draws from ``seed_of_row(i)``: a row's
-    sample depends only on the rows of its call, so a batch split over processes in multiples of
-    ``batch_size`` samples what one process given the whole batch does. Else ``seed`` (``None``: the
-    global RNG) seeds all the calls in turn.
-    """
-    if seed_of_row is None:
-        return sample_batch(policy, tokenizer, prompt_ids, batch_size=batch_size, seed=seed, **generation)
-    parts = [sample_batch(policy, tokenizer, prompt_ids[i : i + batch_size], batch_size=batch_size, seed=seed_of_row(i),
-                          **generation) for i in range(0, len(prompt_ids), batch_size)]
-    return merge_sampled(parts, tokenizer.pad_token_id)
 
 
 def prepare_prompts_and_accelerator(cfg: Any, tokenizer: Any, train_prompts: Any, eval_prompts: Any, *, batch_prompts: int,

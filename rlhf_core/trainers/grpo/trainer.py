@@ -33,11 +33,12 @@ from rlhf_core.rollout import (
     batch_response_logprobs,
     chunks,
     response_logprobs,
+    sample_rows,
 )
 from rlhf_core.trainers.common import LogFn
 from rlhf_core.trainers.divergence import DivergenceGuard
 from rlhf_core.trainers.grpo.config import GRPOConfig
-from rlhf_core.trainers.online import ROLLOUT, OnlineLoop, OnlineState, SamplesFn, sample_rows, unit_seed
+from rlhf_core.trainers.online import ROLLOUT, OnlineLoop, OnlineState, SamplesFn, unit_seed
 
 BATCH_STD_EPS = 1e-4
 """``rlhf_core.rl.group_advantages``' eps, added to the batch's reward std (``scale_rewards="batch"``)."""
@@ -70,7 +71,7 @@ class GRPOTrainer(OnlineLoop):
     def sample(self, dataset: datasets.Dataset, rows: list[int], group_size: int, *, seed: int | None = None,
                do_sample: bool = True, seed_of_row: Callable[[int], int] | None = None) -> tuple[SampledBatch, list[str]]:
         """``group_size`` responses per prompt row (consecutive rows per prompt) and the prompt text of every row;
-        ``seed_of_row``: each ``generate`` call seeded by its first (response) row (``online.sample_rows``)."""
+        ``seed_of_row``: each ``generate`` call seeded by its first (response) row (``rollout.sample_rows``)."""
         part = dataset.select(rows)
         prompt_ids = [list(p) for p in part["prompt_input_ids"] for _ in range(group_size)]
         batch = sample_rows(self.policy.eval(), self.tokenizer, prompt_ids, max_new_tokens=self.cfg.max_new_tokens,

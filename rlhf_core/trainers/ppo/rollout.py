@@ -19,8 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.logprobs import entropy_from_logits
 from rlhf_core.models.scalar_head import sequence_scores
 from rlhf_core.reward_sources import CombinedReward
-from rlhf_core.rollout import SampledBatch, chunks, model_response_logprobs, response_columns, response_logprobs
-from rlhf_core.trainers.online import sample_rows
+from rlhf_core.rollout import SampledBatch, chunks, model_response_logprobs, response_columns, response_logprobs, sample_rows
 from rlhf_core.trainers.ppo.config import PPOConfig
 from rlhf_core.trainers.ppo.models import PolicyAndValue
 
@@ -103,7 +102,7 @@ class RolloutCollector:
 
         ``model`` is the unwrapped policy and value, in eval mode. ``seed=None`` samples from the
         global RNG; a seed leaves it untouched (evaluation); ``seed_of_row`` seeds each ``generate`` call
-        by its first row (training rollouts: ``rlhf_core.trainers.online.sample_rows``).
+        by its first row (training rollouts: ``rlhf_core.rollout.sample_rows``).
         """
         cfg, tau = self.cfg, self.cfg.temperature
         started = time.perf_counter()
