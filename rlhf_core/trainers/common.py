@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from rlhf_core import metrics as M
-from rlhf_core.compute_clock import compute_loop, computing
+from rlhf_core.compute_clock import compute_loop
 from rlhf_core.models.lora import LoraSettings
 from rlhf_core.trainers.divergence import DivergenceGuard
 
@@ -323,6 +323,7 @@ def special_token_ids_kept(model: torch.nn.Module) -> Iterator[None]:
                 setattr(config, name, value)
 
 
+@compute_loop  # training and the final evaluation: the stage's compute seconds
 def run_training(trainer: Trainer, cfg: TrainConfig) -> dict[str, float]:
     """Train (resuming from the latest checkpoint when ``cfg.resume``), then evaluate once more.
 
@@ -333,24 +334,19 @@ def run_training(trainer: Trainer, cfg: TrainConfig) -> dict[str, float]:
     if checkpoint:
         print(f"[rlhf] resuming from {checkpoint}")
         trainer.args.eval_on_start = False  # the step-0 evaluation is in the checkpoint's log history, replayed
-    with special_token_ids_kept(trainer.model), computing():
+    with special_token_ids_kept(trainer.model):
         trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
     if cfg.best_metric is not None:  # the model is now the best checkpoint's: report its evaluation
         chosen = state.best_global_step or state.global_step
         done = [e for e in state.log_history if e.get("step") == chosen and "eval_loss" in e]
-        final = done[-1] if done else _evaluate(trainer)
+        final = done[-1] if done else trainer.evaluate()
         named = {k: v for k, v in M.from_trainer_logs(final).items() if k.startswith(M.EVAL + "/") and k != "eval/step"}
         return {**named, M.BEST_STEP: float(chosen)}
     # The Trainer already evaluated at the last step when it falls on an eval step: reuse that.
     done = [e for e in state.log_history if e.get("step") == state.global_step and "eval_loss" in e]
-    final = done[-1] if done else _evaluate(trainer)
+    final = done[-1] if done else trainer.evaluate()
     return {k: v for k, v in M.from_trainer_logs(final).items() if k.startswith(M.EVAL + "/") and k != "eval/step"}
-
-
-@compute_loop
-def _evaluate(trainer: Trainer) -> dict[str, float]:
-    return trainer.evaluate()
 
 
 class WithScalarFields:
