@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     status = run_hosted("tasks.launch", args)  # the flow's warm host runs it: the libraries are imported already
     if status is not None:
         sys.exit(status)
-    n = configured_processes() if stage in TRAINING_STAGES else 1
-    cmd = launch_command(stage, n) if stage in TRAINING_STAGES else None
-    if cmd is not None:
+    n = configured_processes() if stage in TRAINING_STAGES else 1  # the other stages always run as one process
+    if n > 1:
+        cmd = launch_command(stage, n)
         gpus = _cuda_gpus()
         if gpus and n > gpus:
             raise SystemExit(f"[rlhf] {n} training processes need {n} GPUs, {gpus} visible "
