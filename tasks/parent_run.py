@@ -89,9 +89,10 @@ def compute_share(stages: list[dict[str, Any]], metrics: dict[str, dict[str, Any
     from rlhf_core import metrics as M
 
     ran = {s["stage"] for s in stages if s["ran"]}
-    compute = sum(float(metrics.get(stage, {}).get(M.COMPUTE_SECONDS, 0.0)) for stage in ran)
-    return {M.PIPELINE_WALL_SECONDS: round(wall_seconds, 1), M.PIPELINE_COMPUTE_SECONDS: round(compute, 1),
-            M.PIPELINE_COMPUTE_SHARE: round(compute / wall_seconds, 4) if wall_seconds > 0 else 0.0}
+    compute = round(sum(float(metrics.get(stage, {}).get(M.COMPUTE_SECONDS, 0.0)) for stage in ran), 1)
+    wall = round(wall_seconds, 1)  # the share of the two numbers logged beside it
+    return {M.PIPELINE_WALL_SECONDS: wall, M.PIPELINE_COMPUTE_SECONDS: compute,
+            M.PIPELINE_COMPUTE_SHARE: round(compute / wall, 4) if wall > 0 else 0.0}
 
 
 def close_parent_run(project_dir: Path, tracking: dict[str, Any] | None, run_id: str, *, status: str,
