@@ -22,11 +22,9 @@ from tasks.params import ParamsError
 
 def group_configs() -> dict[str, type]:
     """The typed config of each ``params.yaml`` group (the class its stage loads it into)."""
-    from rlhf_core.trainers.dpo import DPOConfig
-    from rlhf_core.trainers.grpo import GRPOConfig
-    from rlhf_core.trainers.ppo import PPOConfig
-    from rlhf_core.trainers.reward_model import RewardConfig
-    from rlhf_core.trainers.sft import SFTConfig
+    from rlhf_core.trainers.grpo.config import GRPOConfig  # the config modules, not the trainers: no torch here
+    from rlhf_core.trainers.ppo.config import PPOConfig
+    from rlhf_core.trainers.train_config import DPOConfig, RewardConfig, SFTConfig
     from tasks.heldout import EvaluateConfig
     from tasks.model_config import ModelConfig
     from tasks.prepare import PrepareConfig

@@ -75,7 +75,7 @@ def test_missing_path_like_source_fails_clearly_without_a_hub_call(tmp_path: Pat
     def no_hub(*args, **kwargs):
         raise AssertionError("a path-like source must not be sent to the hub")
 
-    monkeypatch.setattr(loading.datasets, "load_dataset", no_hub)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
     monkeypatch.chdir(tmp_path)
     for source in ("data/missing.jsonl", str(tmp_path / "missing.parquet"), "./nope", "prefs/", "org/name/", "data/prefs/train",
                    "data\\prefs"):
@@ -96,13 +96,13 @@ def test_looks_like_path_takes_only_name_or_org_name_for_a_hub_dataset(text: str
 
 def test_a_relative_folder_that_exists_is_read_with_or_without_a_trailing_slash(tmp_path: Path,
                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    builders = loading.datasets.load_dataset
+    builders = datasets.load_dataset
 
     def no_hub(name: str, *args, **kwargs):
         assert name in ("json", "parquet"), f"an existing folder must not be sent to the hub as {name!r}"
         return builders(name, *args, **kwargs)  # datasets' packaged file readers
 
-    monkeypatch.setattr(loading.datasets, "load_dataset", no_hub)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prefs").mkdir()
     _write(tmp_path / "prefs" / "a.jsonl", ROWS)
@@ -117,7 +117,7 @@ def test_other_names_go_to_the_hub_with_the_split(monkeypatch: pytest.MonkeyPatc
         calls.append((name, split))
         return datasets.Dataset.from_list(ROWS)
 
-    monkeypatch.setattr(loading.datasets, "load_dataset", fake_hub)
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
     assert len(load_records("some-org/some-dataset", split="test")) == 3
     assert calls == [("some-org/some-dataset", "test")]
 
@@ -126,7 +126,7 @@ def test_unreachable_hub_name_becomes_a_data_load_error(monkeypatch: pytest.Monk
     def offline(name: str, split: str) -> datasets.Dataset:
         raise ConnectionError("offline")
 
-    monkeypatch.setattr(loading.datasets, "load_dataset", offline)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataLoadError, match=r"'some-org/some-dataset' is not a local file.*offline"):
         load_records("some-org/some-dataset")
 

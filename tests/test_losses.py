@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_core.losses import DPO_LOSSES, dpo_loss, reward_loss, sft_loss
+from rlhf_core.trainers.train_config import DPO_LOSS_TYPES, DPOConfig
 
 LN2 = math.log(2.0)
 
@@ -145,6 +146,10 @@ def _dpo_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 def test_registry_holds_the_documented_losses() -> None:
     assert set(DPO_LOSSES) == {"sigmoid", "ipo", "hinge", "robust"}
+    # the torch-free names the dpo config accepts are the registry's keys
+    assert sorted(DPO_LOSS_TYPES) == sorted(DPO_LOSSES)
+    with pytest.raises(ValueError, match="loss_type 'sigmoidal'"):
+        DPOConfig(loss_type="sigmoidal")
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])

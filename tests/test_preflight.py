@@ -67,6 +67,35 @@ def test_auto_lengths_are_left_to_the_stages_and_unknown_groups_named():
         check_params({**params, "trainer": {"lr": 1}})
 
 
+TRAINING_LIBRARIES = ("torch", "transformers", "datasets", "pandas")
+
+
+def test_the_preflight_imports_no_training_library(params_file):
+    """``rlhf run`` checks params.yaml and what the run reaches before it starts anything; the stages run in processes
+    of their own, so none of this needs torch, transformers, datasets or pandas (seconds to import on a small machine)."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from pathlib import Path
+from tasks.params import ParamsError
+from tasks.preflight import check_remote, group_configs, nested_configs, preflight
+[*group_configs().values(), *nested_configs().values()]
+preflight(Path({str(params_file.parent)!r}), [], push=False)  # the shipped params.yaml: every group's config, sources
+try:
+    check_remote(Path({str(ROOT)!r}))  # the push check's imports, whatever this checkout's remote
+except ParamsError:
+    pass
+print(sorted(m for m in {TRAINING_LIBRARIES!r} if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": ""})  # the local store: no server asked
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"imported by the preflight: {proc.stdout.strip()}"
+
+
 def _cli(ws: Path, *args: str, env: dict[str, str] | None = None):
     import os
     import subprocess

@@ -69,6 +69,15 @@ def test_kl_estimators_hand_values():
     assert torch.equal(kl_penalty(logp, ref), kl_penalty(logp, ref, "k1"))  # k1 is the default
 
 
+def test_ppo_config_accepts_exactly_the_kl_estimators():
+    from typing import get_args
+
+    from rlhf_core.rl import KL_ESTIMATORS
+    from rlhf_core.trainers.ppo.config import KLEstimator
+
+    assert sorted(get_args(KLEstimator)) == sorted(KL_ESTIMATORS)  # the config's torch-free names are the registry's keys
+
+
 def test_k2_k3_nonnegative_on_random_inputs():
     logp, ref = 3 * _randn(0, (64, 32)), 3 * _randn(1, (64, 32))
     assert (kl_penalty(logp, ref, "k3") >= 0).all()

@@ -19,9 +19,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:  # imported where records are read: listing and checking sources (tasks.preflight) needs no datasets
+    import datasets
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
 """File endings ``load_records`` reads (longest first, so ``.jsonl.gz`` wins over ``.gz``)."""
@@ -215,6 +216,8 @@ def _check_local_file(path: Path, shown: str | None = None, *, utf8: bool = True
 
 def _load_files(files: list[str], *, label: str, shown: dict[str, str] | None = None) -> datasets.Dataset:
     """Local files -> one dataset; ``shown`` maps a temporary copy to the name users know."""
+    import datasets
+
     builders = {_builder(data_suffix(f) or "") for f in files}
     if len(builders) > 1:
         raise DataLoadError(f"{label}: mixes JSON and Parquet files; keep one kind per folder")
@@ -267,6 +270,8 @@ def _json_problem(path: Path) -> str | None:
 
 
 def _load_hub(name: str, split: str) -> datasets.Dataset:
+    import datasets
+
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as err:  # offline, missing, gated: all mean "cannot load this name"

@@ -1,33 +1,53 @@
 """Models and tokenizers: from-scratch tiny models, pretrained loading, scalar heads, LoRA, saving.
 
 All loaders use safetensors only and leave ``trust_remote_code`` off unless the caller sets it.
+
+Names are re-exported lazily (PEP 562): importing the package, or a light submodule such as ``lora``
+(whose ``LoraSettings`` the trainer configs hold), does not import ``torch`` or ``transformers``.
 """
 
-from rlhf_core.models.causal_lm import TinyModelConfig, build_tiny_causal_lm, load_causal_lm
-from rlhf_core.models.io import save_model
-from rlhf_core.models.lora import LoraSettings, apply_lora
-from rlhf_core.models.scalar_head import (
-    last_token_index,
-    load_reward_model,
-    position_ids_from_mask,
-    sequence_scores,
-    token_scores,
-)
-from rlhf_core.models.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "CHAT_TEMPLATE",
-    "LoraSettings",
-    "TinyModelConfig",
-    "apply_lora",
-    "build_tiny_causal_lm",
-    "last_token_index",
-    "load_causal_lm",
-    "load_reward_model",
-    "load_tokenizer",
-    "position_ids_from_mask",
-    "save_model",
-    "sequence_scores",
-    "token_scores",
-    "train_tokenizer",
-]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "TinyModelConfig": "tiny_config",
+    "build_tiny_causal_lm": "causal_lm",
+    "load_causal_lm": "causal_lm",
+    "save_model": "io",
+    "LoraSettings": "lora",
+    "apply_lora": "lora",
+    "last_token_index": "scalar_head",
+    "load_reward_model": "scalar_head",
+    "position_ids_from_mask": "scalar_head",
+    "sequence_scores": "scalar_head",
+    "token_scores": "scalar_head",
+    "CHAT_TEMPLATE": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "train_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # also what tests/test_stage_deps.py follows to the submodules
+    from rlhf_core.models.causal_lm import build_tiny_causal_lm, load_causal_lm
+    from rlhf_core.models.io import save_model
+    from rlhf_core.models.lora import LoraSettings, apply_lora
+    from rlhf_core.models.scalar_head import (
+        last_token_index,
+        load_reward_model,
+        position_ids_from_mask,
+        sequence_scores,
+        token_scores,
+    )
+    from rlhf_core.models.tiny_config import TinyModelConfig
+    from rlhf_core.models.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer
+
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlhf_core.models' has no attribute {name!r}")
+    return getattr(import_module(f"rlhf_core.models.{module}"), name)

@@ -1,4 +1,5 @@
-"""What every trainer shares: the base configs, TrainingArguments, metric plumbing, resume.
+"""What every trainer shares: TrainingArguments, precision, metric plumbing, resume (and the base configs, which
+live in the torch-free ``rlhf_core.trainers.train_config`` and are re-exported here).
 
 The loops themselves are transformers' ``Trainer`` (checkpoints, resume with optimizer,
 scheduler and RNG state, mixed precision, gradient accumulation, multi-GPU through
@@ -13,9 +14,8 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,113 +24,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from rlhf_core import metrics as M
 from rlhf_core.compute_clock import compute_loop
-from rlhf_core.models.lora import LoraSettings
 from rlhf_core.trainers.divergence import DivergenceGuard
+from rlhf_core.trainers.train_config import BaseTrainConfig as BaseTrainConfig  # re-exported
+from rlhf_core.trainers.train_config import TrainConfig
 
 LogFn = Callable[[dict[str, float], int], None]
-
-
-@dataclass
-class BaseTrainConfig:
-    """Fields every trainer has, PPO's included: output, seed, optimiser, schedule, logging, checkpoints, precision.
-
-    A trainer's config inherits them (so one ``params.yaml`` key means the same everywhere) and adds
-    its own; a trainer whose defaults differ re-states only the default. "Steps" are optimizer steps
-    for the ``Trainer``-based trainers and updates for PPO.
-    """
-
-    output_dir: str = "outputs/run"
-    """Where checkpoints go; the final model is saved by the caller."""
-    seed: int = 0
-    learning_rate: float = 5e-4
-    gradient_accumulation_steps: int = 1
-    """Passes per optimizer step."""
-    warmup_ratio: float = 0.05
-    """Share of the training steps with linear warm-up."""
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "linear"
-    """``transformers.get_scheduler`` name."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm at each optimizer step; ``None``: no clipping."""
-    logging_steps: int = 10
-    eval_steps: int = 50
-    """Evaluate on the held-out split every ``eval_steps`` steps (and at the end)."""
-    save_steps: int = 50
-    """Write a checkpoint every ``save_steps`` steps; a restarted run resumes from the latest."""
-    save_total_limit: int | None = 2
-    """Keep at most this many checkpoints (oldest deleted); ``None`` keeps all."""
-    max_skipped_steps: int = 0
-    """Optimizer steps with a NaN/inf gradient that are skipped (weights and optimizer state untouched) before
-    training stops with a divergence error (``rlhf_core.trainers.divergence``); 0: stop at the first."""
-    resume: bool = True
-    """Resume from the latest checkpoint in ``output_dir`` when one exists."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """``auto``: bf16 on a GPU that supports it, else fp32 (CPU runs are fp32)."""
-    max_length: int = 64
-    """Prompt + completion tokens (see ``rlhf_core.data.tokenize.TruncationConfig``)."""
-    progress: bool = True
-    """Show progress bars."""
-    eval_on_start: bool = False
-    """Also evaluate the starting policy (step 0) on a fresh run: the origin of the over-optimisation curves
-    (``rlhf_core.overoptimization``) of the policy-training stages, whose default is ``True``."""
-    best_metric: str | None = None
-    """Output the policy of the evaluation that is best by this held-out metric (a name under ``eval/``, e.g. ``loss``,
-    ``rewards/accuracies``, ``objective/scores``, ``overopt/gold_reward``) instead of the last one (``None``)."""
-    greater_is_better: bool | None = None
-    """Direction of ``best_metric``; ``None``: lower is better for a name ending in ``loss``, higher for anything else."""
-
-    def best_is_greater(self) -> bool:
-        """``greater_is_better`` resolved (transformers' rule for ``None``)."""
-        if self.greater_is_better is not None:
-            return self.greater_is_better
-        return not (self.best_metric or "").endswith("loss")
-
-    def __post_init__(self) -> None:
-        for name in ("learning_rate", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps", "max_length"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"save_total_limit must be >= 1 or None, got {self.save_total_limit}")
-
-
-@dataclass
-class TrainConfig(BaseTrainConfig):
-    """The SFT, reward-model and DPO trainers' config (a ``params.yaml`` group each): transformers' ``Trainer``."""
-
-    max_steps: int = 200
-    """Optimizer steps; training stops there (epochs are derived, data is cycled)."""
-    per_device_train_batch_size: int = 32
-    per_device_eval_batch_size: int = 64
-    max_prompt_length: int | None = None
-    """Longer prompts are cut keeping their end; ``None``: prompts are only bounded by ``max_length``."""
-    lora: LoraSettings | None = None
-    """Train LoRA adapters (peft) instead of all weights; merged into the saved model."""
-    padding_free: bool = True
-    """Pack each batch's sequences into rows without padding (``rlhf_core.data.packing``), position ids
-    restarting per sequence and no attention across sequences: the same losses as padded batches (to float
-    rounding), less compute on data of mixed lengths. Where the model cannot keep packed sequences apart
-    (``trainers.padding_free``: e.g. Bloom's ALiBi), the trainer says so and pads."""
-    # best_metric (BaseTrainConfig): transformers keeps and loads the best evaluated checkpoint, so save_steps must
-    # be a multiple of eval_steps; the starting policy's evaluation (eval_on_start) is not a checkpoint, not a candidate.
-    extra_args: dict[str, Any] = field(default_factory=dict)
-    """Any other ``transformers.TrainingArguments`` field, passed through (e.g. ``torch_compile``)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.best_metric is not None and self.save_steps % self.eval_steps:
-            raise ValueError(f"best_metric needs save_steps ({self.save_steps}) to be a multiple of eval_steps "
-                             f"({self.eval_steps}): only evaluated checkpoints can be chosen")
-        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(
-                f"max_prompt_length must be in (0, max_length={self.max_length}), got {self.max_prompt_length}"
-            )
 
 
 def resolve_precision(precision: str) -> dict[str, bool]:

@@ -17,8 +17,7 @@ import copy
 import itertools
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import datasets
 import torch
@@ -36,13 +35,12 @@ from rlhf_core.logprobs import (
     scored_token_counts,
     sequence_logprobs,
 )
-from rlhf_core.losses import DPO_LOSSES, dpo_loss
+from rlhf_core.losses import dpo_loss
 from rlhf_core.reward_sources import RewardFn
 from rlhf_core.trainers.common import (
     LogFn,
     LogFnCallback,
     StoredMetricsTrainer,
-    TrainConfig,
     WithScalarFields,
     run_training,
     train_batches_read,
@@ -51,7 +49,6 @@ from rlhf_core.trainers.common import (
 from rlhf_core.trainers.curve_probe import CurveProbe, distinct_prompt_records
 from rlhf_core.trainers.lora_wrap import maybe_apply_lora
 from rlhf_core.trainers.offline_methods import (
-    METHODS,
     NEEDS_REFERENCE,
     PairLogps,
     kto_terms,
@@ -61,68 +58,11 @@ from rlhf_core.trainers.offline_methods import (
 )
 from rlhf_core.trainers.padding_free import padding_free_is_exact
 from rlhf_core.trainers.sft import TrainResult
+from rlhf_core.trainers.train_config import DPOConfig
 
 REF_FIELDS = ["ref_chosen_logps", "ref_rejected_logps"]
 KL_REF_FIELD = "ref_kl_logps"
 LENGTH_NORMALISED = {"ipo"}  # loss types fed completion-token MEAN log-probs (Azar et al. 2023)
-
-
-@dataclass
-class DPOConfig(TrainConfig):
-    """Offline preference optimisation settings (the ``dpo`` group of ``params.yaml``)."""
-
-    learning_rate: float = 2e-3
-    max_steps: int = 150
-    eval_steps: int = 75
-    save_steps: int = 75
-    method: str = "dpo"
-    """The objective: ``dpo``, ``simpo``, ``orpo`` or ``kto`` (``offline_methods.METHODS``)."""
-    beta: float = 0.1
-    """β: DPO Eq. 7's strength of the implicit KL constraint; SimPO's reward scale (the paper uses
-    2–10); ORPO's weight λ of the odds-ratio term; KTO's β."""
-    loss_type: str = "sigmoid"
-    """``dpo`` only: one of ``rlhf_core.losses.DPO_LOSSES``: sigmoid, ipo, hinge, robust."""
-    simpo_gamma: float = 0.5
-    """``simpo`` only: the target reward margin γ (TRL's ``simpo_gamma``)."""
-    kto_desirable_weight: float = 1.0
-    """``kto`` only: w_d, the weight of desirable (chosen) examples."""
-    kto_undesirable_weight: float = 1.0
-    """``kto`` only: w_u, the weight of undesirable (rejected) examples."""
-    label_smoothing: float = 0.0
-    """ε: assumed share of flipped labels (conservative / robust DPO)."""
-    reference: Literal["precomputed", "live"] = "precomputed"
-    rpo_alpha: float = 1.0
-    """α of RPO (Pang et al. 2024; TRL's ``rpo_alpha``): adds α·NLL of the chosen completion (per
-    token) to the DPO loss, so the chosen likelihood cannot collapse while the margin grows."""
-    eval_on_start: bool = True
-    """Also evaluate the starting policy (step 0): the origin of the over-optimisation curve."""
-    overopt_prompts: int = 128
-    """Distinct prompts of the eval split sampled at each evaluation for the over-optimisation curve (proxy, gold,
-    KL to the reference: ``rlhf_core.trainers.curve_probe``); 0: no curve. Needs the reward model (the stage loads it)."""
-    overopt_max_new_tokens: int = 12
-    """Response budget of those samples (prompts are left-truncated to ``max_length`` minus it)."""
-    overopt_temperature: float = 1.0
-    """Sampling temperature of those samples (and of the log-probs of their KL)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.overopt_prompts < 0:
-            raise ValueError(f"overopt_prompts must be >= 0 (0: no over-optimisation curve), got {self.overopt_prompts}")
-        if self.overopt_prompts and not 0 < self.overopt_max_new_tokens < self.max_length:
-            raise ValueError(f"overopt_max_new_tokens must be in (0, max_length={self.max_length}) to leave room for a "
-                             f"prompt, got {self.overopt_max_new_tokens}")
-        if self.overopt_temperature <= 0:
-            raise ValueError(f"overopt_temperature must be > 0, got {self.overopt_temperature}")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of {list(METHODS)}")
-        if self.loss_type not in DPO_LOSSES:
-            raise ValueError(f"loss_type {self.loss_type!r} is not one of {sorted(DPO_LOSSES)}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, average: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from rlhf_core import metrics as M
 from rlhf_core.losses import dpo_loss, kto_loss, orpo_loss, simpo_loss
+from rlhf_core.trainers.train_config import METHODS as METHODS  # the names, torch-free, for the configs
 
-METHODS = ("dpo", "simpo", "orpo", "kto")
 NEEDS_REFERENCE = {"dpo", "kto"}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -20,7 +19,6 @@ from rlhf_core.trainers.common import (
     LogFn,
     LogFnCallback,
     StoredMetricsTrainer,
-    TrainConfig,
     WithScalarFields,
     run_training,
     training_arguments,
@@ -28,23 +26,11 @@ from rlhf_core.trainers.common import (
 from rlhf_core.trainers.lora_wrap import maybe_apply_lora
 from rlhf_core.trainers.padding_free import padding_free_is_exact
 from rlhf_core.trainers.sft import TrainResult
+from rlhf_core.trainers.train_config import RewardConfig
 
 ACCURACY_INTERVAL = 0.95
 """Two-sided level of the held-out accuracy's bootstrap interval (``eval/accuracy_ci_low``/``_high``)."""
 N_BOOTSTRAP = 2000
-
-
-@dataclass
-class RewardConfig(TrainConfig):
-    """Reward-model settings (the ``reward`` group of ``params.yaml``)."""
-
-    learning_rate: float = 1e-3
-    max_steps: int = 500
-    """About one epoch of the default task: more over-fits the label noise."""
-    eval_steps: int = 250
-    save_steps: int = 250
-    center_rewards_coefficient: float | None = None
-    """Adds c·E[(r_c + r_r)²] to keep rewards centred at 0 (Eisenstein et al. 2023); ``None``: off."""
 
 
 def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

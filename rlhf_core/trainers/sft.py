@@ -20,22 +20,12 @@ from rlhf_core.trainers.common import (
     LogFn,
     LogFnCallback,
     StoredMetricsTrainer,
-    TrainConfig,
     run_training,
     training_arguments,
 )
 from rlhf_core.trainers.lora_wrap import maybe_apply_lora
 from rlhf_core.trainers.padding_free import padding_free_is_exact
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """SFT settings (the ``sft`` group of ``params.yaml``); all fields are ``TrainConfig``'s, some defaults differ."""
-
-    learning_rate: float = 2e-3
-    max_steps: int = 300
-    eval_steps: int = 100
-    save_steps: int = 100
+from rlhf_core.trainers.train_config import SFTConfig
 
 
 @dataclass

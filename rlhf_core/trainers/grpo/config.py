@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf_core.trainers.common import BaseTrainConfig
+from rlhf_core.trainers.train_config import BaseTrainConfig
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 

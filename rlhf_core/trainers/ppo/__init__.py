@@ -76,27 +76,44 @@ the reward model's raw score, gold, KL and sqrt(KL); ``rlhf_core.overoptimizatio
 (``rlhf_core.trainers.online``).
 """
 
-from rlhf_core.rollout import response_logprobs
-from rlhf_core.trainers.online import saved_checkpoints
-from rlhf_core.trainers.ppo.checkpoint import PPOState
-from rlhf_core.trainers.ppo.config import PPOConfig
-from rlhf_core.trainers.ppo.models import PolicyAndValue, disable_dropout, value_model_from_policy
-from rlhf_core.trainers.ppo.rollout import RewardNorm, Rollout
-from rlhf_core.trainers.ppo.train import PPOResult, train_ppo
-from rlhf_core.trainers.ppo.trainer import PPOTrainer, SamplesFn
+from __future__ import annotations
 
-__all__ = [
-    "PPOConfig",
-    "PPOResult",
-    "PPOState",
-    "PPOTrainer",
-    "PolicyAndValue",
-    "RewardNorm",
-    "Rollout",
-    "SamplesFn",
-    "disable_dropout",
-    "response_logprobs",
-    "saved_checkpoints",
-    "train_ppo",
-    "value_model_from_policy",
-]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# Re-exported lazily (PEP 562): ``ppo.config`` is torch-free, so checking ``params.yaml`` (``tasks.preflight``)
+# imports PPOConfig without the trainer's torch and transformers.
+_EXPORTS: dict[str, str] = {
+    "PPOConfig": "rlhf_core.trainers.ppo.config",
+    "PPOResult": "rlhf_core.trainers.ppo.train",
+    "PPOState": "rlhf_core.trainers.ppo.checkpoint",
+    "PPOTrainer": "rlhf_core.trainers.ppo.trainer",
+    "PolicyAndValue": "rlhf_core.trainers.ppo.models",
+    "RewardNorm": "rlhf_core.trainers.ppo.rollout",
+    "Rollout": "rlhf_core.trainers.ppo.rollout",
+    "SamplesFn": "rlhf_core.trainers.ppo.trainer",
+    "disable_dropout": "rlhf_core.trainers.ppo.models",
+    "response_logprobs": "rlhf_core.rollout",
+    "saved_checkpoints": "rlhf_core.trainers.online",
+    "train_ppo": "rlhf_core.trainers.ppo.train",
+    "value_model_from_policy": "rlhf_core.trainers.ppo.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # also what tests/test_stage_deps.py follows to the modules
+    from rlhf_core.rollout import response_logprobs
+    from rlhf_core.trainers.online import saved_checkpoints
+    from rlhf_core.trainers.ppo.checkpoint import PPOState
+    from rlhf_core.trainers.ppo.config import PPOConfig
+    from rlhf_core.trainers.ppo.models import PolicyAndValue, disable_dropout, value_model_from_policy
+    from rlhf_core.trainers.ppo.rollout import RewardNorm, Rollout
+    from rlhf_core.trainers.ppo.train import PPOResult, train_ppo
+    from rlhf_core.trainers.ppo.trainer import PPOTrainer, SamplesFn
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(module), name)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-from rlhf_core.rl import KL_ESTIMATORS
-from rlhf_core.trainers.common import BaseTrainConfig
+from rlhf_core.trainers.train_config import BaseTrainConfig
+
+KLEstimator = Literal["k1", "k2", "k3"]
+"""The per-token KL estimators: the keys of ``rlhf_core.rl.KL_ESTIMATORS`` (torch-side; ``tests/test_rl.py`` checks)."""
 
 
 @dataclass
@@ -15,7 +17,7 @@ class PPOConfig(BaseTrainConfig):
     """PPO settings (the ``ppo`` group of ``params.yaml``). Symbols and detail numbers as in ``rlhf_core.trainers.ppo``.
 
     The fields every trainer has (output, seed, optimiser, schedule, logging, checkpoints, precision,
-    ``max_length``) are :class:`~rlhf_core.trainers.common.BaseTrainConfig`'s; here "steps" are PPO
+    ``max_length``) are :class:`~rlhf_core.trainers.train_config.BaseTrainConfig`'s; here "steps" are PPO
     updates. Defaults are those of the embedded default (a tiny model on the synthetic task, where
     they raise the gold reward in 20 updates; see ``tests/test_ppo.py``) and of TRL/Huang et al.
     otherwise.
@@ -72,7 +74,7 @@ class PPOConfig(BaseTrainConfig):
     """KL_target in nats per response for the adaptive controller."""
     kl_horizon: int = 10_000
     """H in samples for the adaptive controller."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_estimator: KLEstimator = "k1"
     """Per-token KL estimator in the reward: ``k1``, ``k2`` or ``k3`` (``rl.kl_penalty``)."""
     gamma: float = 1.0
     """γ: discount."""
@@ -111,8 +113,8 @@ class PPOConfig(BaseTrainConfig):
                 f"max_new_tokens ({self.max_new_tokens}) must be < max_length ({self.max_length}) to leave room for a prompt")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={self.gamma}, lam={self.lam}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator {self.kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}")
+        if self.kl_estimator not in get_args(KLEstimator):
+            raise ValueError(f"kl_estimator {self.kl_estimator!r} is not one of {sorted(get_args(KLEstimator))}")
         if self.kl_coef < 0 or (self.kl_control == "adaptive" and self.kl_coef == 0):
             raise ValueError(
                 f"kl_coef must be >= 0 (> 0 with kl_control='adaptive'), got {self.kl_coef} with kl_control={self.kl_control!r}")
