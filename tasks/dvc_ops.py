@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -112,10 +113,22 @@ def stage_params(root: Path, name: str) -> dict[str, Any]:
 
 def dvc(root: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run one DVC command in ``root`` and capture its output."""
-    proc = subprocess.run(["dvc", *args], cwd=root, env={**os.environ, **(env or {})}, text=True, capture_output=True)
+    proc = subprocess.run(dvc_command(*args, env=env), cwd=root, env={**os.environ, **(env or {})}, text=True,
+                          capture_output=True)
     if check and proc.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return proc
+
+
+def dvc_command(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    """The command line of ``dvc *args``: run by the flow's stage host when ``env`` (or this process) names one, which
+    has DVC imported already (``python -m dvc`` forked there, ~1 s less per call on 2 cores than a fresh ``dvc``)."""
+    from tasks.stage_host import HOST_ENV
+
+    host = (env or {}).get(HOST_ENV) or os.environ.get(HOST_ENV)
+    if not host or host == "off":
+        return ["dvc", *args]
+    return [sys.executable, "-m", "tasks.stage_host", "run", "dvc", *args]
 
 
 def _lock_has(root: Path, stage: str) -> bool:
@@ -138,7 +151,7 @@ def repro_stage(root: Path, stage: str, *, env: dict[str, str] | None = None, ec
     from tasks.workspace import state_dir
 
     started = time.perf_counter()
-    cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    cmd = dvc_command("repro", "--single-item", stage, *(["--force"] if force else []), env=env)
     had_outputs = _lock_has(root, stage)
     tail: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rlhf-stage-") as scratch:

@@ -37,7 +37,8 @@ PRELOAD = (
     "torch", "transformers", "transformers.trainer", "transformers.models.gpt2.modeling_gpt2",
     "transformers.models.llama.modeling_llama", "datasets", "accelerate", "safetensors.torch", "tokenizers",
     "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.tracking.rest_store",
-    "dvc.api", "dvc.repo", "pandas", "pyarrow", "matplotlib.pyplot", "great_expectations",
+    "dvc.api", "dvc.repo", "dvc.cli.parser", "dvc.repo.reproduce", "dvc.repo.plots", "dvc.data_cloud",
+    "dvc.utils.strictyaml", "dvc_data.hashfile.status", "pandas", "pyarrow", "matplotlib.pyplot", "great_expectations",
 )
 """What the stages import that takes time: the host imports these once (a missing one is skipped)."""
 PROJECT_PACKAGES = ("tasks", "rlhf_core", "flows")
@@ -82,16 +83,17 @@ def _recv(sock: socket.socket, with_fds: int = 0) -> tuple[dict, list[int]]:
 
 # ---- the stage command's side --------------------------------------------------------------------------------------
 
-def run_hosted(module: str, args: list[str]) -> int | None:
+def run_hosted(module: str, args: list[str], *, pass_host: bool = False) -> int | None:
     """Run ``python -m module *args`` in the host named by ``$RLHF_STAGE_HOST`` and return its exit status, or
-    ``None`` when there is no host to run it (the caller then runs it itself)."""
+    ``None`` when there is no host to run it (the caller then runs it itself). ``pass_host``: the child keeps
+    ``$RLHF_STAGE_HOST`` (``dvc repro``, whose stage command asks the host in turn); else it runs the stage itself."""
     path = os.environ.get(HOST_ENV)
     if not path or path == "off":
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
-        env = {k: v for k, v in os.environ.items() if k != HOST_ENV}  # the child runs the stage, it does not ask again
+        env = {k: v for k, v in os.environ.items() if pass_host or k != HOST_ENV}
         _send(sock, {"module": module, "args": args, "cwd": os.getcwd(), "env": env, "executable": sys.executable},
               [0, 1, 2])
         reply, _ = _recv(sock)
@@ -103,9 +105,9 @@ def run_hosted(module: str, args: list[str]) -> int | None:
         return None
     pid = reply["pid"]
 
-    def forward(signum: int, _frame) -> None:
+    def forward(signum: int, _frame) -> None:  # to the child's group, as a terminal's Ctrl-C reaches a foreground job
         with suppress(ProcessLookupError):
-            os.kill(pid, signum)
+            os.killpg(pid, signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, forward)
@@ -166,13 +168,13 @@ def _child(conn: socket.socket, listener: socket.socket, request: dict, fds: lis
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
-    def watch() -> None:  # the stage's command gone (killed with its process group): the stage goes too
+    def watch() -> None:  # the stage's command gone (killed with its process group): the stage goes too, with its group
         try:
             while conn.recv(1):
                 pass
         except OSError:
             pass
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True, name="stage-command-watch").start()
     code = 0
@@ -298,5 +300,17 @@ def hosted(env: dict[str, str] | None = None, preload: tuple[str, ...] = PRELOAD
         scratch.rmdir()
 
 
+def run_command(module: str, args: list[str]) -> None:
+    """``python -m tasks.stage_host run <module> *args``: ``python -m module *args`` in the host when there is one
+    (its own children, e.g. a stage ``dvc repro`` starts, may ask the host too), else in a fresh interpreter."""
+    code = run_hosted(module, args, pass_host=True)
+    if code is None:
+        os.execv(sys.executable, [sys.executable, "-m", module, *args])
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]), tuple(filter(None, sys.argv[3].split(","))) if len(sys.argv) > 3 else PRELOAD)
+    if sys.argv[1:2] == ["run"]:
+        run_command(sys.argv[2], sys.argv[3:])
+    else:
+        serve(sys.argv[1], int(sys.argv[2]), tuple(filter(None, sys.argv[3].split(","))) if len(sys.argv) > 3 else PRELOAD)

@@ -38,11 +38,21 @@ if sys.argv[1:] == ["sleep"]:
 sys.exit(int(sys.argv[1]) if sys.argv[1:] and sys.argv[1].isdigit() else 0)
 """
 
+RELAY = f"""
+import os, signal, subprocess, sys
+proc = subprocess.Popen([sys.executable, "-c", {CLIENT!r}, *sys.argv[1:]])
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `dvc repro` does while its stage's command runs
+print("relay pid", os.getpid(), flush=True)
+sys.exit(proc.wait())
+"""
+"""What ``dvc repro`` is to a stage: a hosted command whose own child (the stage's command) asks the host in turn."""
+
 
 def _package(where: Path, version: str) -> Path:
     (where / "tasks").mkdir(parents=True)
     (where / "tasks" / "__init__.py").write_text("")
     (where / "tasks" / "probe.py").write_text(f"VERSION = {version!r}\n" + textwrap.dedent(PROBE))
+    (where / "tasks" / "relay.py").write_text(RELAY)
     (where / "tasks" / "stage_host.py").write_text((ROOT / "tasks" / "stage_host.py").read_text())
     return where
 
@@ -92,11 +102,44 @@ def test_a_command_killed_with_its_process_group_takes_the_stage_with_it(tmp_pat
     assert not _alive(child)
 
 
+def test_a_hosted_command_whose_child_asks_the_host_again_passes_exit_status_ctrl_c_and_kill_through(tmp_path, host):
+    ws = _package(tmp_path / "ws", "1")  # `python -m tasks.stage_host run dvc repro ...` -> stage command -> stage
+
+    def relay(*args: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tasks.stage_host", "run", "tasks.relay", *args], cwd=ws, text=True,
+                                env={**os.environ, **host, "PROBE_VALUE": "relayed"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, **kwargs)
+
+    proc = relay("7")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 7 and "env relayed" in out and "version 1" in out
+    assert "hosted" in err and "not hosted" not in err  # the stage's command found the host through the relay
+    assert f"relay pid {proc.pid}" not in out  # the relay ran in the host's child too
+
+    proc = relay("sleep", start_new_session=True)
+    _wait_for_line(proc, "sleeping")
+    os.killpg(proc.pid, signal.SIGINT)  # what `rlhf` sends a stage's `dvc repro` group on Ctrl-C
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in out  # the relay ignored it; the innermost stage got it
+
+    proc = relay("sleep", start_new_session=True)
+    pids = [int(_wait_for_line(proc, prefix).rsplit(" ", 1)[1]) for prefix in ("relay pid", "cwd")]
+    os.killpg(proc.pid, signal.SIGKILL)  # after the grace period: the command's group, outright
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, pids))  # the hosted relay, its stage command and the hosted stage
+
+
 def test_without_a_host_or_with_another_python_the_command_runs_the_stage_itself(tmp_path):
     ws = _package(tmp_path / "ws", "1")
     proc = _command(ws, {HOST_ENV: str(tmp_path / "nobody-listens.sock")})
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 3 and "not hosted" in err
+    proc = subprocess.run([sys.executable, "-m", "tasks.stage_host", "run", "tasks.relay"], cwd=ws, text=True, timeout=30,
+                          capture_output=True, env={**os.environ, HOST_ENV: "off"})
+    assert proc.returncode == 3 and "not hosted" in proc.stderr and "relay pid" in proc.stdout  # run by a fresh interpreter
     with hosted(preload=()) as env:
         other = tmp_path / "python"
         other.symlink_to(sys.executable)  # the same interpreter under another name: the host refuses it
