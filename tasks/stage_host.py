@@ -209,13 +209,19 @@ def serve(path: str, parent: int, preload: tuple[str, ...] = PRELOAD) -> None:
     listener.listen(16)
     to_import = list(preload)
     children: dict[int, socket.socket] = {}
+    exits: set[int] = set()  # a pidfd per child, readable once it has exited: its status goes back at once
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     while True:
         ready = selector.select(timeout=0 if to_import else 0.2)
         if not ready and to_import:
             _import(to_import.pop(0))
-        for _key, _ in ready:
+        for key, _ in ready:
+            if key.fileobj is not listener:  # a child has exited: reaped below
+                selector.unregister(key.fileobj)
+                exits.discard(key.fd)
+                os.close(key.fd)
+                continue
             conn, _ = listener.accept()
             try:
                 request, fds = _recv(conn, with_fds=3)
@@ -234,10 +240,15 @@ def serve(path: str, parent: int, preload: tuple[str, ...] = PRELOAD) -> None:
                 selector.close()
                 for other in children.values():
                     other.close()
+                for fd in exits:
+                    os.close(fd)
                 _child(conn, listener, request, fds)
             for fd in fds:
                 os.close(fd)
             children[pid] = conn
+            with suppress(OSError, AttributeError):  # no pidfd (Linux < 5.3, not Linux): the 0.2 s poll reaps it
+                exits.add(fd := os.pidfd_open(pid))
+                selector.register(fd, selectors.EVENT_READ)
             with suppress(OSError):  # its command has gone already: the child's watch ends it
                 _send(conn, {"pid": pid})
         while children:
