@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core import metrics as M
+from rlhf_core.compute_clock import computing
 from rlhf_core.data.collate import PreferenceCollator
 from rlhf_core.data.packing import PackedGroup, PackedPreferenceCollator
 from rlhf_core.data.tokenize import TruncationConfig, tokenize_preference
@@ -127,12 +128,13 @@ def precompute_reference_logps(
     values = {name: [math.nan] * len(tokenized) for name in fields}
     # Its own generator: iterating draws a base seed, and this may run after the Trainer seeded the global RNG.
     loader = DataLoader(tokenized, batch_sampler=plan, collate_fn=collator, generator=torch.Generator())
-    for rows, batch in zip(plan, tqdm(loader, desc=desc, leave=False)):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        scored = [*pair_logps(model, batch, average=average)] + ([kl_logps(model, batch)] if len(fields) > 2 else [])
-        for name, logps in zip(fields, scored):
-            for i, value in zip(rows, logps.float().cpu().tolist()):
-                values[name][i] = value
+    with computing():  # a scoring loop: the reference's forward passes the trainer would otherwise make
+        for rows, batch in zip(plan, tqdm(loader, desc=desc, leave=False)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            scored = [*pair_logps(model, batch, average=average)] + ([kl_logps(model, batch)] if len(fields) > 2 else [])
+            for name, logps in zip(fields, scored):
+                for i, value in zip(rows, logps.float().cpu().tolist()):
+                    values[name][i] = value
     model.train(was_training)
     for name in fields:
         tokenized = tokenized.add_column(name, values[name])
