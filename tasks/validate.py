@@ -21,12 +21,14 @@ KIND_OF_SPLIT = {"sft_train": "sft", "sft_test": "sft", "pref_train": "preferenc
 def prompt_token_counts(frame, tokenizer) -> list[int]:
     """Prompt length in tokens as the trainers will tokenise it (chat template when there is one)."""
     import datasets
+    import pyarrow.compute
 
     from rlhf_core.data.tokenize import TruncationConfig, tokenize_prompts
 
     ds = datasets.Dataset.from_pandas(frame[["prompt", "prompt_messages"]].reset_index(drop=True), preserve_index=False)
     tokenized, _ = tokenize_prompts(ds, tokenizer, TruncationConfig(max_length=1_000_000))
-    return [len(ids) for ids in tokenized["prompt_input_ids"]]
+    ids = tokenized.with_format("arrow")["prompt_input_ids"]  # the whole column at once, not row by row
+    return pyarrow.compute.list_value_length(ids).to_pylist()
 
 
 def load_frames(ws: Workspace, tokenizer) -> dict[str, tuple[str, Any]]:

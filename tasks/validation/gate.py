@@ -2,9 +2,11 @@
 
 One ephemeral GX context per ``validate_frames`` call (creation takes milliseconds; the ~4 s
 ``import great_expectations`` happens once per process, on first call). Each dataset gets its
-own suite, dataframe asset, validation definition and checkpoint; the checkpoint's
-``UpdateDataDocsAction`` renders the Data Docs site ``validation_report`` (a site named
-``local_site`` would collide with GX's built-in one) into ``report_dir/data_docs``.
+own suite, dataframe asset, validation definition and checkpoint. Once every dataset is validated,
+the Data Docs site ``validation_report`` (a site named ``local_site`` would collide with GX's
+built-in one) is rendered into ``report_dir/data_docs`` in one build of their results and suites:
+what an ``UpdateDataDocsAction`` on each checkpoint would leave, without re-rendering the index
+and copying the static assets once per dataset.
 
 Row numbers in examples are 0-based positions in the frame as given (the line in a JSONL split);
 when the frame has the provenance columns of ``prepare`` (``source_file``, ``source_row``,
@@ -163,9 +165,11 @@ def validate_frames(
     context = _ephemeral_context(docs_dir)
     datasource = context.data_sources.add_pandas("frames")
     results = {}
+    rendered: list[Any] = []  # the validation results and suites the Data Docs show
     for name, (kind, frame) in frames.items():
         frame = frame.reset_index(drop=True)  # row labels = positions, for the examples
-        results[name] = _validate_one(context, datasource, name, kind, frame, cfg)
+        results[name] = _validate_one(context, datasource, name, kind, frame, cfg, rendered)
+    context.build_data_docs(site_names=[DOCS_SITE], resource_identifiers=rendered)
     if invalid_rows:
         from tasks.validation.invalid_rows import source_results
 
@@ -204,9 +208,11 @@ def _ephemeral_context(docs_dir: Path) -> Any:
     return context
 
 
-def _validate_one(context: Any, datasource: Any, name: str, kind: str, frame: Any, cfg: ValidationConfig) -> DatasetResult:
+def _validate_one(context: Any, datasource: Any, name: str, kind: str, frame: Any, cfg: ValidationConfig,
+                  rendered: list[Any]) -> DatasetResult:
+    """Validate one dataset; appends its result's and suite's identifiers to ``rendered`` (for the Data Docs)."""
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
     from tasks.validation.suites import build_suite
 
@@ -218,12 +224,12 @@ def _validate_one(context: Any, datasource: Any, name: str, kind: str, frame: An
         gx.Checkpoint(
             name=name,
             validation_definitions=[definition],
-            actions=[UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])],
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES},
         )
     )
     outcome = checkpoint.run(batch_parameters={"dataframe": frame})
-    (validation,) = outcome.run_results.values()
+    ((identifier, validation),) = outcome.run_results.items()
+    rendered += [identifier, ExpectationSuiteIdentifier(name=suite.name)]
     rules = [_rule_result(r.to_json_dict(), frame) for r in validation.results]
     return DatasetResult(name, kind, len(frame), all(r.success for r in rules), rules, skipped)
 
