@@ -70,11 +70,12 @@ def held_out_prompts(ws: Workspace, cfg: EvaluateConfig, tokenizer, max_length: 
 
     ds = load_split(ws, "prompts")
     ds = ds.select(range(min(cfg.max_prompts, len(ds))))
-    encoded = encode_prompts(tokenizer, list(ds["prompt"]), list(ds["prompt_messages"]))
+    prompts, messages = list(ds["prompt"]), list(ds["prompt_messages"])  # whole columns: row reads are slow
+    encoded = encode_prompts(tokenizer, prompts, messages)
     keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
     if not keep:
         raise StageError(f"every held-out prompt is longer than {max_length - cfg.max_new_tokens} tokens")
     return HeldOutPrompts(
-        prompts=[ds[i]["prompt"] for i in keep], messages=[ds[i]["prompt_messages"] for i in keep],
+        prompts=[prompts[i] for i in keep], messages=[messages[i] for i in keep],
         ids=[encoded[i] for i in keep], n_too_long=len(encoded) - len(keep),
     )

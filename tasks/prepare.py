@@ -172,13 +172,12 @@ def build_tokenizer(model_cfg: ModelConfig, splits: dict[str, Any]):
     if model_cfg.name_or_path is not None:
         return load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
 
-    def texts():
+    def texts():  # each row's prompt, then its completion or chosen and rejected; read in batches (rows are slow)
         for ds in splits.values():
-            for row in ds:
-                yield row["prompt"]
-                for col in ("completion", "chosen", "rejected"):
-                    if col in row:
-                        yield row[col]
+            columns = [c for c in ("prompt", "completion", "chosen", "rejected") if c in ds.column_names]
+            for batch in ds.select_columns(columns).iter(batch_size=1000):
+                for row in zip(*(batch[c] for c in columns)):
+                    yield from row
 
     return train_tokenizer(texts(), vocab_size=model_cfg.tokenizer_vocab_size)
 

@@ -286,6 +286,7 @@ def test_dataset_inputs_artifacts_and_output_hashes(client, tmp_path):
     assert dataset_input.dataset.name == "sft_train"
     assert dataset_input.dataset.digest == mlflow.data.from_pandas(df).digest  # MLflow's content digest
     assert dataset_input.dataset.digest != mlflow.data.from_pandas(df.iloc[:1]).digest
+    assert dataset_input.dataset.schema == mlflow.data.from_pandas(df).to_dict()["schema"]  # inferred from fewer rows
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "train"
 
     listed = {a.path for a in client.list_artifacts(tracker.run_id)}

@@ -116,14 +116,19 @@ class StageTracker:
         self.sink.send("log_table", rows=rows, name=name)
 
     def log_dataset(self, df: pd.DataFrame, name: str, context: str, source: str) -> None:
-        """Record ``df`` as an input of this run (MLflow computes its content digest)."""
+        """Record ``df`` as an input of this run (MLflow computes its content digest and schema)."""
         import mlflow.data
+
+        from tasks.tracking.dataset_schema import schema_rows
 
         with warnings.catch_warnings():  # MLflow registers the local source twice and warns about it
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")  # a model-serving hint
             dataset = mlflow.data.from_pandas(df, source=source, name=name)
-        entity = dataset.to_dict()  # what mlflow.log_input sends, through this run's sink
+            rows = schema_rows(df)
+            if rows is not None:  # the same schema, inferred from one row of each kind instead of value by value
+                dataset.schema = mlflow.data.from_pandas(df.iloc[rows]).schema  # (a cached property to_dict reads)
+            entity = dataset.to_dict()  # what mlflow.log_input sends, through this run's sink
         self.sink.send("log_inputs", datasets=[{
             "name": entity["name"], "digest": entity["digest"], "source_type": entity["source_type"],
             "source": entity["source"], "schema": entity.get("schema"), "profile": entity.get("profile"), "context": context,
