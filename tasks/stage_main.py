@@ -11,6 +11,7 @@ it finishes, and what it could not log waits for ``rlhf sync`` (``tasks.tracking
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from collections.abc import Callable
@@ -82,6 +83,9 @@ def stage_main(stage: str, run: StageFn, *, torch_threads: bool = True) -> None:
     datasets.disable_progress_bars()  # per-map bars drown the training log in Prefect/CI output
     if torch_threads:
         limit_cpu_threads()
+    # What is loaded by now lives as long as the process: the garbage collector's full passes leave it out instead
+    # of scanning its ~800,000 objects (0.6 s a pass on 2 cores) each time a stage builds many lists of token ids.
+    gc.freeze()
     ws = Workspace.here()
     started = time.perf_counter()
     try:
