@@ -49,17 +49,21 @@ def run(
     from tasks.preflight import preflight
     from tasks.process_groups import stop_orphans
     from tasks.stage_host import hosted
+    from tasks.tracking.client import warm_up
     from tasks.workspace import state_dir
 
     try:
-        preflight(root, list(set_), push=push, remote=remote)
+        params = preflight(root, list(set_), push=push, remote=remote)
     except ParamsError as err:
         raise fail(str(err), 2) from None
     quiet_reported_failures()
     try:
         stop_orphans(state_dir(root), echo=typer.echo)  # what a killed run left behind
-        # The stage host imports the training libraries while the Prefect server starts (both take seconds).
-        with hosted(export=True), temporary_server(state_dir(root), echo=typer.echo):
+        # While the Prefect server starts, a thread here imports MLflow and opens its store; the stage host then imports
+        # the stages' libraries beside the flow's first steps (all three at once on 2 cores slowed the server's start).
+        warming = warm_up(root, params.get("tracking"))
+        with temporary_server(state_dir(root), echo=typer.echo), hosted(export=True):
+            warming.join()
             result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote,
                                     stages=list(stage) or None, ref=ref, started_at=started)
     except REPORTED as err:

@@ -34,13 +34,15 @@ from pathlib import Path
 HOST_ENV = "RLHF_STAGE_HOST"
 """The host's socket path, in the environment of the stages of a flow run that has a host."""
 PRELOAD = (
-    "torch", "transformers", "transformers.trainer", "transformers.models.gpt2.modeling_gpt2",
-    "transformers.models.llama.modeling_llama", "datasets", "accelerate", "safetensors.torch", "tokenizers",
     "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.tracking.rest_store",
     "dvc.api", "dvc.repo", "dvc.cli.parser", "dvc.repo.reproduce", "dvc.repo.plots", "dvc.data_cloud",
-    "dvc.utils.strictyaml", "dvc_data.hashfile.status", "pandas", "pyarrow", "matplotlib.pyplot", "great_expectations",
+    "dvc.utils.strictyaml", "dvc_data.hashfile.status", "datasets", "pandas", "pyarrow", "tokenizers",
+    "torch", "transformers", "transformers.trainer", "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.llama.modeling_llama", "accelerate", "safetensors.torch", "great_expectations",
+    "matplotlib.pyplot",
 )
-"""What the stages import that takes time: the host imports these once (a missing one is skipped)."""
+"""What the stages import that takes time: the host imports these once (a missing one is skipped), what every stage
+needs first (MLflow, DVC, datasets: ``ingest`` and ``prepare`` come early), the training libraries after."""
 PROJECT_PACKAGES = ("tasks", "rlhf_core", "flows")
 """Imported by each child from its own working directory, never kept from the host."""
 _HEADER = struct.Struct("!I")

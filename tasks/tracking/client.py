@@ -9,7 +9,9 @@ run" are never touched, so one process can serve several workspaces and stores.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -146,6 +148,22 @@ def connect(project_dir: Path, tracking: Mapping[str, Any] | None = None) -> Tra
     uri = resolve_tracking_uri(config.uri, Path(project_dir))
     os.environ.update(config.http_limits())  # params.yaml's bounds; stage processes apply their own on connect
     return Tracking(MlflowClient(tracking_uri=uri), uri, config)
+
+
+def warm_up(project_dir: Path, tracking: Mapping[str, Any] | None = None) -> threading.Thread:
+    """Import MLflow and open the project's store (a new local store creates its tables: ~2 s on 2 cores) in a thread,
+    for a caller with something else to wait for meanwhile (``rlhf run``: the Prefect server's start). Join it before
+    using the store. It never raises: what goes wrong is met again, and reported, where the run uses the store."""
+
+    def work() -> None:
+        with suppress(Exception):
+            store = connect(project_dir, tracking)
+            if store.uri.startswith("sqlite:"):  # a server's store is the server's business
+                store.client.search_experiments(max_results=1)
+
+    thread = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def log_batched(client: MlflowClient, run_id: str, *, metrics: Sequence[Any] = (), params: Sequence[Any] = (),
