@@ -1,7 +1,7 @@
 """DVC as the pipeline's engine: the stages of ``dvc.yaml`` and their order, ``dvc repro -s``, push and pull.
 
 What the pipeline is (stages, their order, params and outputs) is read through DVC's own API
-(``Repo.index``, the plan ``dvc repro`` follows, ``dvc.api.params_show``). Work that changes
+(``Repo.index``, the plan ``dvc repro`` follows, a stage's params dependencies). Work that changes
 the workspace (repro, push, pull, checkout) goes through DVC's CLI in a subprocess in the
 workspace: robust where the in-process API is not (it resolves stage names against the current
 directory), and one DVC call at a time per workspace (DVC holds a repo lock).
@@ -105,10 +105,20 @@ def stage_outputs(root: Path, name: str) -> list[Path]:
 
 
 def stage_params(root: Path, name: str) -> dict[str, Any]:
-    """Only the ``params.yaml`` keys ``dvc.yaml`` lists for stage ``name``, as a nested dict (``dvc params``' view)."""
-    import dvc.api
+    """Only the ``params.yaml`` keys ``dvc.yaml`` lists for stage ``name``, as a nested dict (``dvc params``' view), read
+    through the stage's own params dependencies (one stage collected: ``dvc.api.params_show`` builds the whole index)."""
+    from dvc.dependency.param import ParamsDependency
 
-    return dvc.api.params_show(stages=[f"{Path(root).resolve() / 'dvc.yaml'}:{name}"], repo=str(root))
+    nested: dict[str, Any] = {}
+    for dep in _stage(root, name).deps:
+        if isinstance(dep, ParamsDependency):
+            for key, value in dep.read_params().items():  # dotted keys, e.g. ``sft.max_steps``
+                *groups, leaf = key.split(".")
+                node = nested
+                for group in groups:
+                    node = node.setdefault(group, {})
+                node[leaf] = value
+    return nested
 
 
 def dvc(root: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
