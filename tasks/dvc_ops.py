@@ -131,12 +131,13 @@ def dvc(root: Path, *args: str, env: dict[str, str] | None = None, check: bool =
 
 
 def dvc_command(*args: str, env: dict[str, str] | None = None) -> list[str]:
-    """The command line of ``dvc *args``: run by the flow's stage host when ``env`` (or this process) names one, which
-    has DVC imported already (``python -m dvc`` forked there, ~1 s less per call on 2 cores than a fresh ``dvc``)."""
-    from tasks.stage_host import HOST_ENV
+    """The command line of ``dvc *args``: run by the flow's stage host when ``env`` (or this process) names one that has
+    finished its imports (``python -m dvc`` forked there starts faster than a fresh ``dvc``; while the host still imports,
+    a fresh one starts sooner than the host could answer)."""
+    from tasks.stage_host import HOST_ENV, is_ready
 
     host = (env or {}).get(HOST_ENV) or os.environ.get(HOST_ENV)
-    if not host or host == "off":
+    if not is_ready(host):
         return ["dvc", *args]
     return [sys.executable, "-m", "tasks.stage_host", "run", "dvc", *args]
 

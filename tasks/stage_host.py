@@ -124,6 +124,16 @@ def run_hosted(module: str, args: list[str], *, pass_host: bool = False) -> int 
     return int(status["exit"])
 
 
+def ready_marker(host: str) -> str:
+    """A file beside the host's socket once it has imported everything: until then a request waits for the import in
+    progress (a few seconds for torch or transformers), longer than a short command takes to start by itself."""
+    return host + ".ready"
+
+
+def is_ready(host: str | None) -> bool:
+    return bool(host) and host != "off" and Path(ready_marker(host)).exists()
+
+
 # ---- the host's side -----------------------------------------------------------------------------------------------
 
 def _import(name: str) -> None:
@@ -219,6 +229,8 @@ def serve(path: str, parent: int, preload: tuple[str, ...] = PRELOAD) -> None:
         ready = selector.select(timeout=0 if to_import else 0.2)
         if not ready and to_import:
             _import(to_import.pop(0))
+            if not to_import:
+                Path(ready_marker(path)).touch()
         for key, _ in ready:
             if key.fileobj is not listener:  # a child has exited: reaped below
                 selector.unregister(key.fileobj)
@@ -312,6 +324,7 @@ def hosted(env: dict[str, str] | None = None, preload: tuple[str, ...] = PRELOAD
             proc.kill()
             proc.wait()
         path.unlink(missing_ok=True)
+        Path(ready_marker(str(path))).unlink(missing_ok=True)
         scratch.rmdir()
 
 

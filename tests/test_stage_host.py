@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.stage_host import HOST_ENV, hosted
+from tasks.stage_host import HOST_ENV, hosted, is_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ("import sys; from tasks.stage_host import run_hosted; status = run_hosted('tasks.probe', sys.argv[1:]); "
@@ -130,6 +130,18 @@ def test_a_hosted_command_whose_child_asks_the_host_again_passes_exit_status_ctr
     while any(map(_alive, pids)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(map(_alive, pids))  # the hosted relay, its stage command and the hosted stage
+
+
+def test_dvc_goes_through_a_host_once_it_has_imported_everything(tmp_path):
+    from tasks.dvc_ops import dvc_command
+
+    assert dvc_command("status", env={HOST_ENV: str(tmp_path / "nobody-listens.sock")}) == ["dvc", "status"]
+    with hosted(preload=("json", "csv")) as env:
+        deadline = time.monotonic() + 30
+        while not is_ready(env[HOST_ENV]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dvc_command("status", env=env) == [sys.executable, "-m", "tasks.stage_host", "run", "dvc", "status"]
+    assert not is_ready(env[HOST_ENV]) and dvc_command("status", env=env) == ["dvc", "status"]  # gone with its host
 
 
 def test_without_a_host_or_with_another_python_the_command_runs_the_stage_itself(tmp_path):
