@@ -26,8 +26,15 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+# A suite started in the background of a non-interactive shell (`pytest &`) inherits SIGINT ignored, and so would every
+# process the tests start (an ignored signal stays ignored across exec): the Ctrl-C tests would then send a signal no
+# process can receive. They test Ctrl-C as a terminal delivers it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Subprocesses (dvc, python -m tasks.<stage>) must use this environment's executables.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
