@@ -12,8 +12,9 @@ Names are re-exported lazily (PEP 562): importing the package, or one submodule 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rlhf_core.lazy_exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "DataLoadError": "loading",
@@ -64,9 +65,4 @@ if TYPE_CHECKING:
         tokenize_sft,
     )
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rlhf_core.data' has no attribute {name!r}")
-    return getattr(import_module(f"rlhf_core.data.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -8,8 +8,9 @@ Names are re-exported lazily (PEP 562): importing the package, or a light submod
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rlhf_core.lazy_exports import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "TinyModelConfig": "tiny_config",
@@ -44,10 +45,4 @@ if TYPE_CHECKING:  # also what tests/test_stage_deps.py follows to the submodule
     from rlhf_core.models.tiny_config import TinyModelConfig
     from rlhf_core.models.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer
 
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rlhf_core.models' has no attribute {name!r}")
-    return getattr(import_module(f"rlhf_core.models.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -14,8 +14,9 @@ token of a response carries its response's advantage in the clipped surrogate
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rlhf_core.lazy_exports import lazy_exports
 
 # Re-exported lazily (PEP 562): ``grpo.config`` is torch-free, so checking ``params.yaml`` (``tasks.preflight``)
 # imports GRPOConfig without the trainer's torch and transformers.
@@ -33,9 +34,4 @@ if TYPE_CHECKING:  # also what tests/test_stage_deps.py follows to the modules
     from rlhf_core.trainers.grpo.train import GRPOResult, train_grpo
     from rlhf_core.trainers.grpo.trainer import GRPOTrainer
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -78,8 +78,9 @@ the reward model's raw score, gold, KL and sqrt(KL); ``rlhf_core.overoptimizatio
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from rlhf_core.lazy_exports import lazy_exports
 
 # Re-exported lazily (PEP 562): ``ppo.config`` is torch-free, so checking ``params.yaml`` (``tasks.preflight``)
 # imports PPOConfig without the trainer's torch and transformers.
@@ -111,9 +112,4 @@ if TYPE_CHECKING:  # also what tests/test_stage_deps.py follows to the modules
     from rlhf_core.trainers.ppo.train import PPOResult, train_ppo
     from rlhf_core.trainers.ppo.trainer import PPOTrainer, SamplesFn
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
