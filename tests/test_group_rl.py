@@ -256,3 +256,9 @@ def test_grpo_loss_input_checks() -> None:
         grpo_loss(b["logps"], b["old_logps"], b["advantages"], torch.zeros_like(b["mask"]))
     with pytest.raises(ValueError, match="must be > 0"):
         grpo_loss(*args, epsilon_low=0.0)
+
+
+def test_the_grpo_config_accepts_exactly_the_loss_types_grpo_loss_knows():
+    from rlhf_core.trainers.grpo.config import LOSS_TYPES  # torch-free, for the preflight: a list of its own
+
+    assert sorted(LOSS_TYPES) == sorted(GRPO_LOSS_TYPES)
