@@ -222,6 +222,7 @@ def serve(path: str, parent: int, preload: tuple[str, ...] = PRELOAD) -> None:
     listener.listen(16)
     to_import = list(preload)
     children: dict[int, socket.socket] = {}
+    announced = False  # the ready marker written
     exits: set[int] = set()  # a pidfd per child, readable once it has exited: its status goes back at once
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
@@ -229,8 +230,9 @@ def serve(path: str, parent: int, preload: tuple[str, ...] = PRELOAD) -> None:
         ready = selector.select(timeout=0 if to_import else 0.2)
         if not ready and to_import:
             _import(to_import.pop(0))
-            if not to_import:
-                Path(ready_marker(path)).touch()
+        if not to_import and not announced:  # also a host with nothing to import: ready at once
+            Path(ready_marker(path)).touch()
+            announced = True
         for key, _ in ready:
             if key.fileobj is not listener:  # a child has exited: reaped below
                 selector.unregister(key.fileobj)
