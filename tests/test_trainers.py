@@ -133,17 +133,17 @@ def _initial_eval_loss(sft_fixture, task, tokenizer) -> float:
 @pytest.mark.slow
 def test_sft_held_out_loss_falls_by_30_percent(sft_result, synthetic_task, synthetic_tokenizer):
     before = _initial_eval_loss(sft_result, synthetic_task, synthetic_tokenizer)
-    after = sft_result["result"].metrics["eval/loss"]
+    after = sft_result["metrics"]["eval/loss"]
     assert after <= 0.7 * before, (before, after)
-    assert sft_result["result"].metrics["eval/token_accuracy"] > 0.3
-    assert {"eval/perplexity", "eval/token_accuracy"} <= set(sft_result["result"].metrics)
+    assert sft_result["metrics"]["eval/token_accuracy"] > 0.3
+    assert {"eval/perplexity", "eval/token_accuracy"} <= set(sft_result["metrics"])
     assert any("train/loss" in m for _, m in sft_result["logs"])
 
 
 @pytest.mark.slow
 def test_reward_model_reaches_90_percent_of_bayes_accuracy(reward_model_result, synthetic_task):
     bayes = synthetic_task["info"]["bayes_accuracy_test"]
-    metrics = reward_model_result["result"].metrics
+    metrics = reward_model_result["metrics"]
     assert metrics["eval/accuracy"] >= 0.9 * bayes, (metrics, bayes)
 
 
