@@ -207,25 +207,38 @@ def promote(
     typer.echo(f"@champion -> version {new} (was {previous or 'none'}); recorded as forced")
 
 
+def _pair(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep:
+        raise ValueError(f"--column {text!r}: expected OLD=NEW, e.g. --column question=prompt")
+    return old.strip(), new.strip()
+
+
 @data_app.command("inspect")
 def data_inspect(
     source: str = typer.Argument(..., help="File, folder, s3:// URI or hub name."),
     kind: str = typer.Option("preference", help="sft | preference | prompt"),
     format: str = typer.Option("auto", "--format", help="Force a format instead of detecting it."),
     rows: int = typer.Option(2, help="Example rows to show."),
+    column: list[str] = typer.Option([], "--column", help="OLD=NEW: rename a column first (prepare.<kind>_columns); repeatable."),
 ) -> None:
     """Load a dataset, detect its format, normalise it and show what the pipeline would see."""
+    from rlhf_core.data.columns import check_columns, check_mapping
     from rlhf_core.data.formats import DataFormatError, detect_format, normalize
     from rlhf_core.data.loading import DataLoadError, load_records
 
     try:
+        mapping = check_mapping(dict(_pair(c) for c in column), "--column")
         raw = load_records(source)
+        if mapping:
+            check_columns(raw.column_names, mapping, source)
+            raw = raw.rename_columns(mapping)
         detected = detect_format(raw, kind) if format == "auto" else format
         ds = normalize(raw, kind=kind, format=format)
-    except (DataFormatError, DataLoadError) as err:
+    except (DataFormatError, DataLoadError, ValueError) as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"{source}: {len(raw)} rows, columns {raw.column_names}")
+    typer.echo(f"{source}: {len(raw)} rows, columns {raw.column_names}" + (f" (renamed: {mapping})" if mapping else ""))
     typer.echo(f"format: {detected} -> {kind} records with columns {ds.column_names}")
     for i in range(min(rows, len(ds))):
         typer.echo(f"--- row {i}")

@@ -58,6 +58,11 @@ class PrepareConfig:
     prompt_data: str | None = None
     """Held-out prompts for PPO/evaluation; ``null``: the prompts of the preference test split."""
     prompt_format: str = "auto"
+    sft_columns: dict[str, str] | None = None
+    """``{column in your data: column the format expects}``, renamed before the format is detected, e.g. Orca DPO
+    pairs' ``{question: prompt}`` (``rlhf_core.data.columns``); likewise ``preference_columns``, ``prompt_columns``."""
+    preference_columns: dict[str, str] | None = None
+    prompt_columns: dict[str, str] | None = None
     test_fraction: float = 0.1
     """Share of a configured dataset held out for evaluation (the synthetic task has its own splits)."""
     max_rows: int | None = None
@@ -69,6 +74,10 @@ class PrepareConfig:
     (capped by the model's context length; see ``tasks.lengths``)."""
 
     def __post_init__(self) -> None:
+        from rlhf_core.data.columns import check_mapping
+
+        for role in ("sft", "preference", "prompt"):
+            check_mapping(getattr(self, f"{role}_columns"), f"prepare.{role}_columns")
         if not 0.0 < self.length_percentile <= 100.0:
             raise ValueError(f"length_percentile must be in (0, 100], got {self.length_percentile}")
         if self.invalid_rows not in ("drop", "fail"):
@@ -92,11 +101,13 @@ class Cleaning:
     """``rlhf_core.data.cleaning.CleanResult`` per source, in reading order."""
 
 
-def _load_normalised(source: str, kind: str, fmt: str, cleaning: Cleaning, source_name: str | None = None):
-    """Source rows normalised and cleaned (with source columns); ``source_name`` is what reports call it."""
+def _load_normalised(source: str, kind: str, fmt: str, cleaning: Cleaning, source_name: str | None = None,
+                     columns: dict[str, str] | None = None):
+    """Source rows normalised and cleaned (with source columns); ``source_name`` is what reports call it, ``columns``
+    the renames (``prepare.<role>_columns``)."""
     from rlhf_core.data.cleaning import load_clean
 
-    result = load_clean(source, kind, fmt, policy=cleaning.policy, source_name=source_name)
+    result = load_clean(source, kind, fmt, policy=cleaning.policy, source_name=source_name, columns=columns)
     cleaning.results.append(result)
     if result.invalid:
         print(f"[prepare] {result.report()}")
@@ -140,7 +151,7 @@ def build_splits(cfg: PrepareConfig, scratch: Path, snapshots: dict[str, Path] |
         splits["sft_train"], splits["sft_test"] = _split(sft, cfg.test_fraction, cfg.seed, None)
     else:
         splits["sft_train"], splits["sft_test"] = _split(
-            _load_normalised(source("sft", cfg.sft_data), "sft", cfg.sft_format, cleaning, cfg.sft_data),
+            _load_normalised(source("sft", cfg.sft_data), "sft", cfg.sft_format, cleaning, cfg.sft_data, cfg.sft_columns),
             cfg.test_fraction, cfg.seed, cfg.max_rows,
         )
     if cfg.preference_data is None:
@@ -151,12 +162,12 @@ def build_splits(cfg: PrepareConfig, scratch: Path, snapshots: dict[str, Path] |
     else:
         splits["pref_train"], splits["pref_test"] = _split(
             _load_normalised(source("preference", cfg.preference_data), "preference", cfg.preference_format, cleaning,
-                             cfg.preference_data),
+                             cfg.preference_data, cfg.preference_columns),
             cfg.test_fraction, cfg.seed, cfg.max_rows,
         )
     if cfg.prompt_data is not None:
         splits["prompts"] = _load_normalised(source("prompt", cfg.prompt_data), "prompt", cfg.prompt_format, cleaning,
-                                             cfg.prompt_data)
+                                             cfg.prompt_data, cfg.prompt_columns)
     elif cfg.preference_data is None:
         splits["prompts"] = _load_normalised(str(synthetic_dir / "prompts.jsonl"), "prompt", "auto", cleaning, "synthetic/prompts.jsonl")
     else:

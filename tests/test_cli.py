@@ -33,6 +33,17 @@ def test_data_inspect_names_the_columns_of_an_unknown_format(tmp_path):
     assert "question" in result.output and "hh_rlhf" in result.output
 
 
+def test_data_inspect_renames_columns_and_refuses_a_malformed_rename(tmp_path):
+    data = tmp_path / "se.jsonl"
+    data.write_text('{"question": "Why?", "response_j": "Because.", "response_k": "No."}\n')
+    renames = ["--column", "question=prompt", "--column", "response_j=chosen", "--column", "response_k=rejected"]
+    result = runner.invoke(app, ["data", "inspect", str(data), *renames])
+    assert result.exit_code == 0, result.output
+    assert "format: prompt_chosen_rejected" in result.output and "chosen: Because." in result.output
+    result = runner.invoke(app, ["data", "inspect", str(data), "--column", "question"])
+    assert result.exit_code == 1 and "expected OLD=NEW" in result.output
+
+
 def test_data_inspect_names_a_missing_file(tmp_path):
     result = runner.invoke(app, ["data", "inspect", str(tmp_path / "nope.jsonl")])
     assert result.exit_code == 1 and "nope.jsonl" in result.output

@@ -156,6 +156,35 @@ def test_messages_pair_with_explicit_prompt_conversation() -> None:
     assert out[0] == {"prompt": "Best pet?", "prompt_messages": _user("Best pet?"), "chosen": "A cat.", "rejected": "A rock."}
 
 
+def _turns(*texts: str) -> list[dict[str, str]]:
+    return [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("history", [("Best pet?",), ("Hi.", "Hello!", "Best pet?")], ids=["one-turn", "multi-turn"])
+def test_a_text_prompt_beside_full_conversations_takes_their_shared_prompt_as_trl_does(history: tuple[str, ...]) -> None:
+    """UltraFeedback-binarized rows: ``prompt`` is the last user text, chosen/rejected the whole conversations."""
+    from trl.data_utils import maybe_extract_prompt
+
+    row = {"prompt": history[-1], "chosen": _turns(*history, "A cat."), "rejected": _turns(*history, "A rock."), "score_chosen": 8.0}
+    assert detect_format(_ds([row]), "preference") == "messages_pair"
+    out = normalize(_ds([row]), "preference")[0]
+    trl = maybe_extract_prompt(row)
+    assert out["prompt_messages"] == trl["prompt"] == _turns(*history)
+    assert [{"role": "assistant", "content": out["chosen"]}] == trl["chosen"]
+    assert [{"role": "assistant", "content": out["rejected"]}] == trl["rejected"]
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference", "prompt"])
+def test_a_system_column_goes_before_a_text_prompt(kind: str) -> None:
+    """Orca DPO pairs: system, question (renamed to prompt), chosen, rejected; an empty system is no message."""
+    reply = {"sft": {"completion": "C"}, "preference": {"chosen": "C", "rejected": "R"}, "prompt": {}}[kind]
+    rows = [{"system": "Be brief.", "prompt": "Q", **reply}, {"system": "", "prompt": "Q2", **reply}]
+    out = normalize(_ds(rows), kind)
+    assert out[0]["prompt_messages"] == [{"role": "system", "content": "Be brief."}, *_user("Q")]
+    assert out[0]["prompt"] == "Be brief.\n\nHuman: Q\n\nAssistant:"
+    assert out[1]["prompt_messages"] == _user("Q2") and out[1]["prompt"] == "Q2"
+
+
 def test_conversational_prompt_completion() -> None:
     row = {
         "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from rlhf_core.data import rules
+from rlhf_core.data.columns import check_columns, check_mapping, renamed
 from rlhf_core.data.formats import (
     _FORMATS,
     FORMATS_BY_KIND,
@@ -125,8 +126,10 @@ def load_clean(
     source_name: str | None = None,
     split: str = "train",
     storage_options: dict[str, Any] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> CleanResult:
-    """Read ``source`` (shown as ``source_name``), normalise it as ``kind`` and clean it.
+    """Read ``source`` (shown as ``source_name``), rename its ``columns`` (``rlhf_core.data.columns``), normalise it as
+    ``kind`` and clean it.
 
     Raises:
         InvalidRowsError: ``policy="fail"`` and some row is invalid, or no valid row is left;
@@ -135,7 +138,8 @@ def load_clean(
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    result = clean(read_rows(source, source_name=source_name, split=split, storage_options=storage_options), kind, format)
+    raw = read_rows(source, source_name=source_name, split=split, storage_options=storage_options)
+    result = clean(raw, kind, format, columns=columns)
     if result.invalid and policy == "fail":
         raise InvalidRowsError(
             f"{result.report()}\nFix these rows in the source, or set prepare.invalid_rows: drop to set them aside "
@@ -147,9 +151,15 @@ def load_clean(
     return result
 
 
-def clean(raw: RawRows, kind: str, format: str = "auto") -> CleanResult:
-    """Normalise and check every row of ``raw`` (see the module docstring for the rules and their order)."""
+def clean(raw: RawRows, kind: str, format: str = "auto", columns: dict[str, str] | None = None) -> CleanResult:
+    """Normalise and check every row of ``raw`` (see the module docstring for the rules and their order), its
+    columns first renamed by ``columns`` ``{column in the data: column the format expects}``."""
     _check_kind(kind)
+    mapping = check_mapping(columns)
+    original = raw
+    if mapping:  # the formats see renamed records; the quarantine keeps each record as the file has it
+        check_columns(raw.columns, mapping, raw.label)
+        raw = RawRows(raw.label, [row if row.problem else replace(row, record=renamed(row.record, mapping)) for row in raw.rows])
     columns = raw.columns
     name = _detect(raw, kind, columns) if format == "auto" else format
     if name not in FORMATS_BY_KIND[kind]:
@@ -162,7 +172,7 @@ def clean(raw: RawRows, kind: str, format: str = "auto") -> CleanResult:
     invalid: list[InvalidRow] = []
     first_seen: dict[tuple[str, ...], SourceRow] = {}
     unique = UNIQUE_TOGETHER.get(kind)
-    for row in raw.rows:
+    for row, as_read in zip(raw.rows, original.rows):
         if row.problem is not None:
             invalid.append(InvalidRow(row.where, rules.UNPARSEABLE, row.problem, row.record))
             continue
@@ -176,7 +186,7 @@ def clean(raw: RawRows, kind: str, format: str = "auto") -> CleanResult:
                     earlier = f"{first.unit} {first.row}" if first.file == row.where.file else str(first)
                     raise rules.RowRuleError(f"same {', '.join(unique)} as {earlier}", rules.DUPLICATE)
         except rules.RowRuleError as err:
-            invalid.append(InvalidRow(row.where, err.rule, str(err), row.record))
+            invalid.append(InvalidRow(row.where, err.rule, str(err), as_read.record))
             continue
         kept.append({**{c: record[c] for c in OUTPUT_COLUMNS[kind]}, **row.where.columns()})
     features = _features(kind)

@@ -164,7 +164,7 @@ def _prompt_completion(row: Mapping[str, Any]) -> dict[str, Any]:
         messages = _messages(row["prompt"], "'prompt'") + _messages(row.get("completion"), "'completion'")
         prompt_messages, reply = _split_reply(messages, "'prompt' + 'completion'")
         return {**_prompt_fields(prompt_messages), "completion": reply.strip()}
-    return {**_prompt_fields([{"role": "user", "content": _text(row, "prompt")}]), "completion": _text(row, "completion").strip()}
+    return {**_prompt_fields(_user_prompt(row)), "completion": _text(row, "completion").strip()}
 
 
 def _alpaca(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,9 +191,14 @@ def _sharegpt(row: Mapping[str, Any]) -> dict[str, Any]:
     return {**_prompt_fields(prompt_messages), "completion": reply.strip()}
 
 
+def _user_prompt(row: Mapping[str, Any]) -> list[Message]:
+    """A text ``prompt`` as one user message, after the optional ``system`` column (Orca DPO pairs have one)."""
+    return _with_system(row, [{"role": "user", "content": _text(row, "prompt")}])
+
+
 def _prompt_chosen_rejected(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        **_prompt_fields([{"role": "user", "content": _text(row, "prompt")}]),
+        **_prompt_fields(_user_prompt(row)),
         "chosen": _text(row, "chosen").strip(),
         "rejected": _text(row, "rejected").strip(),
     }
@@ -223,7 +228,9 @@ def _hh_rlhf(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _messages_pair(row: Mapping[str, Any]) -> dict[str, Any]:
-    prefix = _messages(row["prompt"], "'prompt'") if row.get("prompt") is not None else []
+    # A text ``prompt`` beside full conversations (UltraFeedback-binarized and others) only restates the conversations'
+    # user turn: the prompt is what they share, as TRL's ``maybe_extract_prompt`` takes it.
+    prefix = _messages(row["prompt"], "'prompt'") if row.get("prompt") is not None and not _is_str(row["prompt"]) else []
     chosen = prefix + _messages(row.get("chosen"), "'chosen'")
     rejected = prefix + _messages(row.get("rejected"), "'rejected'")
     chosen_prompt, chosen_reply = _split_reply(chosen, "'chosen'")
@@ -249,7 +256,7 @@ def _sharegpt_dpo(row: Mapping[str, Any]) -> dict[str, Any]:
 def _prompt_only(row: Mapping[str, Any]) -> dict[str, Any]:
     value = row.get("prompt")
     if isinstance(value, str):
-        return _prompt_fields([{"role": "user", "content": value}])
+        return _prompt_fields(_user_prompt(row))
     messages = _messages(value, "'prompt'")
     if messages[-1]["role"] != "user":
         raise _RowError(f"a 'prompt' conversation must end with a user message, got {messages[-1]['role']!r}")
@@ -290,19 +297,20 @@ _FORMATS: dict[str, _Format] = {
         _prompt_completion,
         ("prompt", "completion"),
         lambda r: _all(_is_str, "prompt", "completion")(r) or _all(_is_list, "prompt", "completion")(r),
+        ("system",),
     ),
     ALPACA: _Format(_alpaca, ("instruction", "output"), _all(_is_str, "instruction"), ("input", "system", "history")),
     MESSAGES: _Format(_messages_sft, ("messages",), _all(_is_list, "messages")),
     SHAREGPT: _Format(_sharegpt, ("conversations",), _all(_is_list, "conversations"), ("system",)),
     PROMPT_CHOSEN_REJECTED: _Format(
-        _prompt_chosen_rejected, ("prompt", "chosen", "rejected"), _all(_is_str, "prompt", "chosen", "rejected")
+        _prompt_chosen_rejected, ("prompt", "chosen", "rejected"), _all(_is_str, "prompt", "chosen", "rejected"), ("system",)
     ),
     HH_RLHF: _Format(_hh_rlhf, ("chosen", "rejected"), _is_hh),
     MESSAGES_PAIR: _Format(_messages_pair, ("chosen", "rejected"), _all(_is_list, "chosen", "rejected"), ("prompt",)),
     SHAREGPT_DPO: _Format(
         _sharegpt_dpo, ("conversations", "chosen", "rejected"), _all(_is_list, "conversations"), ("system",)
     ),
-    PROMPT: _Format(_prompt_only, ("prompt",), lambda r: _is_str(r["prompt"]) or _is_list(r["prompt"])),
+    PROMPT: _Format(_prompt_only, ("prompt",), lambda r: _is_str(r["prompt"]) or _is_list(r["prompt"]), ("system",)),
 }
 
 # Detection order: most specific first (sharegpt_dpo before sharegpt, a plain prompt first for prompts).
@@ -352,7 +360,7 @@ def detect_format(data: datasets.Dataset | tuple[Sequence[str], Mapping[str, Any
     types = ", ".join(f"{c}: {type(first.get(c)).__name__}" for c in columns)
     raise DataFormatError(
         f"cannot recognise {kind} data with columns {columns} (first row types: {types}). "
-        f"Accepted {kind} formats: {_describe(kind)}. Rename the columns, or pass the format explicitly."
+        f"Accepted {kind} formats: {_describe(kind)}. Rename the columns (params.yaml: prepare.{kind}_columns), or pass the format explicitly."
     )
 
 
