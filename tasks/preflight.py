@@ -7,7 +7,7 @@ stage reads itself (``ppo.reward_fn``, ``grpo.rewards``, each policy's ``train``
 ``params.yaml`` plus the overrides before writing them; a stage run by hand runs it on its own group.
 
 :func:`check_services` then asks what the run will reach, one short request each: the tracking
-server, the DVC remote it will push to, and the data sources ``prepare`` names. ``rlhf run`` runs
+server, the DVC remote it will push to, the data sources ``prepare`` names and the model folder. ``rlhf run`` runs
 both before it starts anything (:func:`preflight`); the flow runs them again as its first task
 (the deployments, which start it without ``rlhf run``).
 """
@@ -309,11 +309,21 @@ def check_sources(root: Path, params: dict[str, Any], timeout: float = SOURCE_TI
     return problems
 
 
+def check_model(root: Path, params: dict[str, Any], timeout: float = SOURCE_TIMEOUT_S) -> list[str]:
+    """``model.name_or_path``, when set, is a model the stages can load (:mod:`tasks.model_folder`); one line if not."""
+    from tasks.model_folder import model_problem
+
+    name = (params.get("model") or {}).get("name_or_path")
+    problem = model_problem(str(name), root, timeout) if name else None
+    return [f"model.name_or_path = {name!r}: {problem}; fix model.name_or_path in params.yaml or --set "
+            "model.name_or_path=..."] if problem else []
+
+
 def check_services(root: Path, params: dict[str, Any], *, push: bool = True, remote: str | None = None,
                    tracking_uri: str | None = None) -> None:
     """What a run reaches, one short request each, all problems in one :class:`ParamsError` (one line each): the
     tracking server (``tracking_uri``, else ``params``' resolved against ``root``), the DVC remote when
-    ``push`` (:func:`check_remote`) and the data sources (:func:`check_sources`)."""
+    ``push`` (:func:`check_remote`), the data sources (:func:`check_sources`) and the model (:func:`check_model`)."""
     from tasks.tracking.client import resolve_tracking_uri
 
     problems = []
@@ -325,6 +335,7 @@ def check_services(root: Path, params: dict[str, Any], *, push: bool = True, rem
         except ParamsError as err:
             problems.append(str(err))
     problems += check_sources(root, params)
+    problems += check_model(root, params)
     if problems:
         raise ParamsError("\n  ".join(["the run cannot reach what it needs:", *problems]) if len(problems) > 1 else problems[0])
 

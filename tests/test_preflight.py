@@ -111,6 +111,8 @@ def _cli(ws: Path, *args: str, env: dict[str, str] | None = None):
     (["--set", "nonexistent.key=1"], "nonexistent is not a group"),
     (["--set", "dpo.beta"], "expected KEY=VALUE"),
     (["--no-push", "--set", "tracking.uri=http://127.0.0.1:9"], "the MLflow tracking server http://127.0.0.1:9 does not answer"),
+    (["--no-push", "--set", "model.name_or_path=models/base/"],
+     "model.name_or_path = 'models/base/': {ws}/models/base: no such folder; fix model.name_or_path"),
     (["--no-push", "--set", "prepare.sft_data=data/sft.jsonl"],
      "prepare.sft_data = 'data/sft.jsonl' (relative to the workspace {ws}): {ws}/data/sft.jsonl: no such file or folder"),
 ])
@@ -264,3 +266,28 @@ def test_an_unreadable_source_file_is_named_with_its_setting():
         assert (_sources_as(65534, folder, params) if os.geteuid() == 0 else check_sources(folder, params)) == []
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_model_folder_must_hold_a_config_safetensors_weights_and_a_tokenizer(tmp_path):
+    from tasks.preflight import check_model
+    from tests.pretrained_folders import gpt2_folder
+
+    def problems(name: str) -> list[str]:
+        return check_model(tmp_path, {"model": {"name_or_path": name}})
+
+    assert problems(str(gpt2_folder(tmp_path / "base"))) == [] and problems("gpt2") == [
+        "model.name_or_path = 'gpt2': 'gpt2' is not a local folder, nor in the Hugging Face cache, and HF_HUB_OFFLINE is "
+        "set: point model.name_or_path at a local model folder; fix model.name_or_path in params.yaml or --set "
+        "model.name_or_path=..."]  # the suite runs offline (conftest): the hub is not asked
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pairs.jsonl").write_text("{}\n")
+    [line] = problems("data")
+    assert line.startswith(f"model.name_or_path = 'data': {tmp_path / 'data'}: not a model folder: no config.json; no "
+                           "*.safetensors weights; no tokenizer files")
+    (tmp_path / "pickled").mkdir()
+    for name in ("config.json", "tokenizer.json", "pytorch_model.bin"):
+        (tmp_path / "pickled" / name).write_text("{}")
+    [line] = problems("pickled")
+    assert "not a model folder: no *.safetensors weights (only pytorch_model.bin: pickled weights are not loaded" in line
+    assert "config.json" not in line.split("not a model folder")[1] and "tokenizer" not in line.split("not a model folder")[1]
+    assert "not a folder" in problems("data/pairs.jsonl")[0]
