@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_core.data.loading import SUPPORTED_SUFFIXES, DataLoadError, data_suffix, looks_like_path
+from rlhf_core.data.rows import csv_records
 from tasks.workspace import Workspace
 
 ROLES = {"sft": "sft_data", "preference": "preference_data", "prompt": "prompt_data"}
@@ -95,12 +96,15 @@ def count_rows(path: Path) -> int | None:
     """Records in a data file without parsing every row (``None`` when the file is not readable as data).
 
     JSON Lines: non-blank lines (a broken line still counts: ``prepare`` reports it); a JSON
-    array: its length; Parquet: the row count in its footer.
+    array: its length; CSV: its records after the header (a quoted cell may span lines; a broken
+    record counts too); Parquet: the row count in its footer.
     """
     import gzip
 
     name = path.name.lower()
     try:
+        if data_suffix(name) in (".csv", ".csv.gz"):
+            return sum(1 for _ in csv_records(path, str(path)))
         if name.endswith(".parquet"):
             import pyarrow.parquet as pq
 
@@ -112,7 +116,7 @@ def count_rows(path: Path) -> int | None:
                 rows = json.loads(head + handle.read())
                 return len(rows) if isinstance(rows, list) else None
             return sum(1 for line in (head + handle.read()).splitlines() if line.strip())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError):  # DataLoadError is a ValueError
         return None
 
 

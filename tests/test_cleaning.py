@@ -217,6 +217,28 @@ def test_a_column_no_row_has_is_a_format_error_not_a_row_error(tmp_path: Path) -
         load_clean(path, "sft", "prompt_completion")
 
 
+def test_csv_pairs_are_cleaned_row_by_row_and_named_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text(
+        'prompt,chosen,rejected\n'
+        '"Hi, there","Hello!\nHow can I help?",Go away\n'  # lines 2-3
+        "Q2,Good,Bad,extra\n"  # line 4: a field too many
+        "Q3,Good\n"  # line 5: no rejected cell
+        "Q4,,Bad\n"  # line 6: empty chosen
+        "\n"
+        'Q5,"Fine, thanks",Worse\n',  # line 8
+        encoding="utf-8",
+    )
+    result = load_clean(path, "preference")
+    assert result.format == "prompt_chosen_rejected"
+    assert _invalid(result) == {4: "unparseable", 5: "missing_field", 6: "blank_text"}
+    assert result.invalid[0].detail == "has 4 fields, the header has 3" and result.invalid[0].record == "Q2,Good,Bad,extra"
+    assert [{c: row[c] for c in ("prompt", "chosen", "rejected", "source_row", "source_unit")} for row in result.dataset] == [
+        {"prompt": "Hi, there", "chosen": "Hello!\nHow can I help?", "rejected": "Go away", "source_row": 2, "source_unit": "line"},
+        {"prompt": "Q5", "chosen": "Fine, thanks", "rejected": "Worse", "source_row": 8, "source_unit": "line"},
+    ]
+
+
 def test_read_rows_keeps_file_order_across_a_folder(tmp_path: Path) -> None:
     _jsonl(tmp_path / "b.jsonl", [_pair(2)])
     _jsonl(tmp_path / "a.jsonl", [_pair(0), "oops"])

@@ -1,4 +1,4 @@
-"""load_records: every supported file kind, folders, URIs, hub names, and the errors users see."""
+"""load_records: every supported file kind, folders, URIs, hub names, and the errors users see (CSV: read_rows too)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 
 from rlhf_core.data import loading
 from rlhf_core.data.loading import SUPPORTED_SUFFIXES, DataLoadError, load_records
+from rlhf_core.data.rows import read_rows
 
 ROWS = [{"prompt": "one", "completion": "1"}, {"prompt": "two", "completion": "2"}, {"prompt": "three", "completion": "3"}]
 
@@ -68,6 +69,9 @@ def test_folder_mixing_json_and_parquet_is_refused(tmp_path: Path) -> None:
     _write(tmp_path / "a.jsonl", ROWS)
     _write(tmp_path / "b.parquet", ROWS)
     with pytest.raises(DataLoadError, match="mixes JSON and Parquet"):
+        load_records(tmp_path)
+    (tmp_path / "c.csv").write_text("prompt,completion\na,b\n")
+    with pytest.raises(DataLoadError, match="mixes CSV, JSON and Parquet"):
         load_records(tmp_path)
 
 
@@ -132,8 +136,8 @@ def test_unreachable_hub_name_becomes_a_data_load_error(monkeypatch: pytest.Monk
 
 
 def test_unsupported_extension_lists_the_supported_ones(tmp_path: Path) -> None:
-    path = tmp_path / "rows.csv"
-    path.write_text("prompt,completion\na,b\n")
+    path = tmp_path / "rows.tsv"
+    path.write_text("prompt\tcompletion\na\tb\n")
     with pytest.raises(DataLoadError, match="unsupported file type") as err:
         load_records(path)
     assert str(path) in str(err.value)
@@ -182,6 +186,75 @@ def test_empty_json_array_has_no_records(tmp_path: Path) -> None:
     path.write_text("[]")
     with pytest.raises(DataLoadError, match="no records"):
         load_records(path)
+
+
+# ---------------------------------------------------------------- CSV
+
+# A spreadsheet export: byte-order mark, CRLF, commas and a line break inside quoted cells, doubled
+# quotes, cells that look like numbers or NA, an empty cell, a blank line. Records start on lines 2, 5, 6.
+CSV_TEXT = (
+    '\ufeffprompt,chosen,rejected\r\n"Hi, there","Hello!\r\nHow can I help?",Go away\r\n\r\n'
+    '007,"She said ""yes""",NA\r\n3.50,,1e3\r\n'
+)
+CSV_RECORDS = [
+    {"prompt": "Hi, there", "chosen": "Hello!\r\nHow can I help?", "rejected": "Go away"},
+    {"prompt": "007", "chosen": 'She said "yes"', "rejected": "NA"},
+    {"prompt": "3.50", "chosen": "", "rejected": "1e3"},
+]
+
+
+@pytest.mark.parametrize("name", ["pairs.csv", "pairs.csv.gz"])
+def test_csv_cells_are_text_and_both_readers_agree(tmp_path: Path, name: str) -> None:
+    from tasks.sources import count_rows
+
+    path = tmp_path / name
+    data = CSV_TEXT.encode("utf-8")
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    raw = read_rows(path)
+    assert [r.record for r in raw.rows] == CSV_RECORDS  # BOM gone, no number or None made of a cell
+    assert [(r.where.row, r.where.unit, r.problem) for r in raw.rows] == [(2, "line", None), (5, "line", None), (6, "line", None)]
+    assert load_records(path).to_list() == CSV_RECORDS
+    assert count_rows(path) == 3
+
+
+def test_csv_record_with_the_wrong_number_of_fields(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text('prompt,chosen,rejected\n"multi\nline",b,c\nd,e,f,g\nh,i\n', encoding="utf-8")
+    rows = read_rows(path).rows
+    assert [(r.where.row, r.problem) for r in rows] == [(2, None), (4, "has 4 fields, the header has 3"), (5, None)]
+    assert rows[1].record == "d,e,f,g" and rows[2].record == {"prompt": "h", "chosen": "i", "rejected": None}
+    with pytest.raises(DataLoadError, match=r"pairs\.csv: line 4 has 4 fields, the header has 3"):
+        load_records(path)  # pandas would shift a first such record into an index: it never gets there
+    path.write_text("prompt,chosen,rejected\nh,i\n", encoding="utf-8")
+    with pytest.raises(DataLoadError, match=r"pairs\.csv: line 2 has 2 fields, the header has 3"):
+        load_records(path)  # pandas would fill the missing cell with ""
+
+
+@pytest.mark.parametrize(
+    "content, error",
+    [
+        (b"prompt,chosen,rejected\r\n\r\n", r"bad\.csv: no records"),
+        (b"prompt,chosen\na,b\nc,\xff\n", r"bad\.csv: .*UTF-8"),
+        (b"prompt,,chosen\na,b,c\n", r"bad\.csv: the header \(line 1\) leaves column\(s\) \[2\] unnamed"),
+        (b"prompt,chosen,prompt\na,b,c\n", r"bad\.csv: the header \(line 1\) repeats column name\(s\) \['prompt'\]"),
+        (b'prompt,chosen\na,b\nc,"never closed\nd,e\n', r"bad\.csv: the record on line 3 opens a quoted cell that is never closed"),
+    ],
+)
+def test_csv_files_that_cannot_be_read_name_the_file_and_the_reason(tmp_path: Path, content: bytes, error: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    for reader in (read_rows, load_records):
+        with pytest.raises(DataLoadError, match=error):
+            reader(path)
+
+
+def test_csv_files_of_a_folder_must_share_their_columns(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("prompt,completion\n1,2\n")
+    (tmp_path / "b.csv").write_text("completion,prompt\n4,3\n")
+    assert load_records(tmp_path).to_list() == [{"prompt": "1", "completion": "2"}, {"prompt": "3", "completion": "4"}]
+    (tmp_path / "b.csv").write_text("prompt,answer\n3,4\n")
+    with pytest.raises(DataLoadError, match=r"CSV files with different columns: .*a\.csv has \['prompt', 'completion'\]"):
+        load_records(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,13 @@
 
 Every source becomes one ``datasets.Dataset`` of raw rows (no format logic here; see
 ``rlhf_core.data.formats`` for that). Parsing goes through ``datasets``' packaged
-``json``/``parquet`` builders; when a builder fails, the file is re-read by hand only to say
-*where* it is broken. Objects behind a URI (``s3://``, any fsspec protocol) are first copied
-to a temporary folder with fsspec: ``datasets`` refuses every remote URL in offline mode
-(``HF_DATASETS_OFFLINE``), which is how machines without hub access run, yet an object
-store may well be reachable there.
+``json``/``parquet``/``csv`` builders; when a builder fails, the file is re-read by hand only to
+say *where* it is broken. CSV files are read by hand first (``rows.csv_records``) to check every
+record against its header, since pandas, under the ``csv`` builder, would quietly shift or fill
+cells. Objects behind a URI (``s3://``, any fsspec protocol) are first copied to a temporary
+folder with fsspec: ``datasets`` refuses every remote URL in offline mode
+(``HF_DATASETS_OFFLINE``), which is how machines without hub access run, yet an object store
+may well be reachable there.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:  # imported where records are read: listing and checking sources (tasks.preflight) needs no datasets
     import datasets
 
-SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet")
-"""File endings ``load_records`` reads (longest first, so ``.jsonl.gz`` wins over ``.gz``)."""
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl.gz", ".json.gz", ".csv.gz", ".jsonl", ".json", ".csv", ".parquet")
+"""File endings ``load_records`` reads (compound ones first, so ``.jsonl.gz`` wins over ``.gz``)."""
 
-_PATH_HINT_SUFFIXES = (".gz", ".csv", ".tsv", ".txt", ".arrow", ".zip", ".bz2", ".xz", ".zst", ".yaml", ".yml")
+_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv"}  # datasets' packaged builder per suffix; else json
+_KIND_NAMES = {"json": "JSON", "parquet": "Parquet", "csv": "CSV"}
+
+_PATH_HINT_SUFFIXES = (".gz", ".tsv", ".txt", ".arrow", ".zip", ".bz2", ".xz", ".zst", ".yaml", ".yml")
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 """The form of a hub dataset's name: ``name`` or ``org/name``, no trailing slash, no deeper folders."""
 
@@ -47,18 +52,21 @@ def load_records(
 
     Args:
         source: a local ``.json`` (JSON array or JSON lines), ``.jsonl``, ``.jsonl.gz``,
-            ``.json.gz`` or ``.parquet`` file; a local folder (its supported files, sorted,
-            not recursive); a URI such as ``s3://bucket/key.jsonl`` or ``s3://bucket/prefix/``
-            (fsspec; credentials and endpoint come from ``storage_options`` or the environment);
-            or else a hub dataset name (``datasets.load_dataset(name, split=split)``).
+            ``.json.gz``, ``.csv``, ``.csv.gz`` (a header line, then one record per line; every
+            cell is read as text, an empty cell as ``""``) or ``.parquet`` file; a local folder
+            (its supported files, sorted, not recursive, all of one kind); a URI such as
+            ``s3://bucket/key.jsonl`` or ``s3://bucket/prefix/`` (fsspec; credentials and endpoint
+            come from ``storage_options`` or the environment); or else a hub dataset name
+            (``datasets.load_dataset(name, split=split)``).
         split: the split of a hub dataset. Files and folders are read whole.
         storage_options: fsspec options for URIs (for s3fs e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
         source_name: the name errors show instead of ``source`` (see ``local_files``), e.g. the
             URI a local snapshot was copied from.
 
     Raises:
-        DataLoadError: missing file, unsupported extension, malformed JSON (with the line),
-            empty file, or a hub dataset that cannot be loaded.
+        DataLoadError: missing file, unsupported extension, malformed JSON (with the line), a CSV
+            record with more or fewer cells than the header (with its line), a CSV header with a blank
+            or repeated name, empty file, or a hub dataset that cannot be loaded.
     """
     with local_files(source, storage_options=storage_options, source_name=source_name) as files:
         if files is None:
@@ -126,7 +134,7 @@ def data_suffix(name: str) -> str | None:
 
 
 def _builder(suffix: str) -> str:
-    return "parquet" if suffix == ".parquet" else "json"
+    return _BUILDERS.get(suffix, "json")
 
 
 def looks_like_path(text: str) -> bool:
@@ -220,14 +228,51 @@ def _load_files(files: list[str], *, label: str, shown: dict[str, str] | None = 
 
     builders = {_builder(data_suffix(f) or "") for f in files}
     if len(builders) > 1:
-        raise DataLoadError(f"{label}: mixes JSON and Parquet files; keep one kind per folder")
+        *others, last = sorted(_KIND_NAMES[b] for b in builders)
+        raise DataLoadError(f"{label}: mixes {', '.join(others)} and {last} files; keep one kind per folder")
+    builder = builders.pop()
+    options = _csv_options(files, label, shown or {}) if builder == "csv" else {}
     try:
-        ds = datasets.load_dataset(builders.pop(), data_files=files, split="train")
+        ds = datasets.load_dataset(builder, data_files=files, split="train", **options)
     except Exception as err:  # datasets wraps parser errors in many types; re-raise with a location
         raise _explain_failure(files, label, err, shown or {}) from err
     if len(ds) == 0:
         raise DataLoadError(f"{label}: no records")
     return ds
+
+
+def _csv_options(files: list[str], label: str, shown: dict[str, str]) -> dict[str, Any]:
+    """The ``csv`` builder's options that read every cell as text, once each file is checked by hand.
+
+    pandas would turn numbers-looking cells into numbers and empty ones into NaN, treat a first
+    record with one cell too many as an index, and fill a short record's missing cells; so every
+    record must match its header, and all files share one set of columns.
+    """
+    import datasets
+
+    from rlhf_core.data.rows import csv_records, field_count_problem  # rows builds on this module
+
+    columns: dict[str, str] = {}  # column -> the file it was first seen in
+    records = 0
+    for name in files:
+        where = shown.get(name, name)
+        header: list[str] | None = None
+        for line, record, problem in csv_records(Path(name), where):
+            if problem is None and None in record.values():
+                problem = field_count_problem(sum(v is not None for v in record.values()), len(record))
+            if problem is not None:
+                raise DataLoadError(f"{where}: line {line} {problem}")
+            header = header or list(record)
+            records += 1
+        if header is None:
+            continue  # a header-only file adds no record
+        if columns and set(header) != set(columns):
+            first = next(iter(columns.values()))
+            raise DataLoadError(f"{label}: CSV files with different columns: {first} has {list(columns)}, {where} has {header}")
+        columns = columns or dict.fromkeys(header, where)
+    if not records:
+        raise DataLoadError(f"{label}: no records")
+    return {"features": datasets.Features({c: datasets.Value("string") for c in columns}), "na_filter": False}
 
 
 def _explain_failure(files: list[str], label: str, err: Exception, shown: dict[str, str]) -> DataLoadError:

@@ -3,26 +3,32 @@
 ``load_records`` hands a whole source to ``datasets``' parsers: fast, but one broken line
 fails the file and a row's position in the file is lost. ``read_rows`` parses the files
 itself so that every record keeps its place (``SourceRow``: the file as users know it, and the
-line of a JSON Lines file or the index in a JSON array / Parquet file / hub split) and a broken
-line becomes one unparseable row instead of a failed load. The cleaning step
+line of a JSON Lines file, the line a CSV record starts on, or the index in a JSON array /
+Parquet file / hub split) and a broken line becomes one unparseable row instead of a failed load.
+``csv_records`` is the one CSV reader: ``load_records`` checks CSV files with it too. The cleaning step
 (``rlhf_core.data.cleaning``) decides what happens to unparseable rows.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from rlhf_core.data.loading import DataLoadError, _load_hub, local_files
+from rlhf_core.data.loading import DataLoadError, _load_hub, data_suffix, local_files
 
 SOURCE_COLUMNS: tuple[str, ...] = ("source_file", "source_row", "source_unit")
 """Columns the prepared splits carry so that every report can name a row's place in its source."""
 
-LINE = "line"  # JSON Lines: 1-based line number, as editors show it
+LINE = "line"  # JSON Lines, CSV: 1-based line number (where the record starts), as editors show it
 INDEX = "index"  # JSON array element, Parquet row, hub split row: 0-based position
+_MAX_CSV_CELL = 2**31 - 1
+"""Python's csv refuses cells over 128 KiB by default; pandas (``load_records``) has no such limit, and long replies are real."""
 
 
 @dataclass(frozen=True)
@@ -78,9 +84,12 @@ def read_rows(
 ) -> RawRows:
     """Every row of ``source`` (any source ``load_records`` accepts) with its place in its file.
 
-    A JSON Lines line that is not valid JSON, not UTF-8 or not an object, and a JSON array
-    element that is not an object, are returned as rows with a ``problem``. A file that cannot
-    be split into rows at all (a malformed JSON array, an unreadable Parquet file) raises.
+    A JSON Lines line that is not valid JSON, not UTF-8 or not an object, a JSON array element
+    that is not an object, and a CSV record with more cells than its header are returned as rows
+    with a ``problem``; a short CSV record has ``None`` for its missing cells (the format then
+    reports the missing field). A file that cannot be split into rows at all (a malformed JSON
+    array, an unreadable Parquet file, a CSV file that is not UTF-8 or whose header or quoting is
+    broken) raises.
 
     Raises:
         DataLoadError: as ``load_records``; also when the source holds no rows at all.
@@ -92,11 +101,101 @@ def read_rows(
             ds = _load_hub(str(source), split)
             out.rows = [RawRow(SourceRow(label, i, INDEX), record) for i, record in enumerate(ds)]
         for path, shown in files or []:
-            reader = _parquet_rows if path.name.lower().endswith(".parquet") else _json_rows
+            reader = _READERS.get(data_suffix(path.name) or "", _json_rows)
             out.rows.extend(reader(path, shown))
     if not out.rows:
         raise DataLoadError(f"{label}: no records")
     return out
+
+
+def _csv_rows(path: Path, shown: str) -> list[RawRow]:
+    return [RawRow(SourceRow(shown, line, LINE), record, problem) for line, record, problem in csv_records(path, shown)]
+
+
+def csv_records(path: Path, shown: str) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line, record, problem)`` for each record of a CSV file after its header line.
+
+    ``line`` is the 1-based physical line the record starts on (a quoted cell may span lines).
+    ``record`` maps the header's names to the cells, all strings, ``None`` for the cells a short
+    record lacks; a record with more cells than the header is its text, with a ``problem``.
+    Blank lines are skipped, a UTF-8 byte-order mark is dropped.
+
+    Raises:
+        DataLoadError: the file is not UTF-8 text, the header has a blank or repeated name, a quoted
+            cell is never closed, or ``csv`` cannot split the text.
+    """
+    if csv.field_size_limit() < _MAX_CSV_CELL:
+        csv.field_size_limit(_MAX_CSV_CELL)
+    taken: list[str] = []  # the physical lines of the record being read
+
+    def lines(handle: IO[str]) -> Iterator[str]:
+        for text in handle:
+            taken.append(text)
+            yield text
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:  # newline="": csv finds the line ends
+        reader = csv.reader(lines(handle))
+        header: list[str] | None = None
+        last_start, last_text = 0, ""
+        try:
+            while True:
+                taken.clear()
+                start = reader.line_num + 1
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    break
+                text = "".join(taken)
+                if not text.strip():
+                    continue
+                last_start, last_text = start, text
+                if header is None:
+                    header = _csv_header(cells, shown, start)
+                elif len(cells) > len(header):
+                    yield start, text.rstrip("\r\n"), field_count_problem(len(cells), len(header))
+                else:
+                    yield start, {**dict.fromkeys(header), **dict(zip(header, cells))}, None
+        except UnicodeDecodeError as err:
+            raise DataLoadError(f"{shown}: not UTF-8 text: {err}") from err
+        except csv.Error as err:
+            raise DataLoadError(f"{shown}: cannot read as CSV at line {reader.line_num}: {err}") from err
+    if _ends_inside_quotes(last_text):
+        raise DataLoadError(
+            f"{shown}: the record on line {last_start} opens a quoted cell that is never closed (the file ends inside it)"
+        )
+
+
+def field_count_problem(fields: int, header: int) -> str:
+    """How a CSV record's cell count differs from its header's (the words rows and load errors share)."""
+    return f"has {fields} field{'s' * (fields != 1)}, the header has {header}"
+
+
+def _csv_header(cells: list[str], shown: str, line: int) -> list[str]:
+    unnamed = [i + 1 for i, name in enumerate(cells) if not name.strip()]
+    if unnamed:
+        raise DataLoadError(
+            f"{shown}: the header (line {line}) leaves column(s) {unnamed} unnamed; name every column or remove it "
+            "(an unnamed first column is often an exported index)"
+        )
+    repeated = sorted({name for name in cells if cells.count(name) > 1})
+    if repeated:
+        raise DataLoadError(f"{shown}: the header (line {line}) repeats column name(s) {repeated}")
+    return cells
+
+
+def _ends_inside_quotes(text: str) -> bool:
+    """Whether ``text`` (a file's last record) leaves a quoted cell open.
+
+    The lenient reader takes the rest of the file into such a cell without a word; the strict one
+    says "unexpected end of data".
+    """
+    try:
+        for _ in csv.reader(io.StringIO(text, newline=""), strict=True):
+            pass
+    except csv.Error as err:
+        return "unexpected end of data" in str(err)
+    return False
 
 
 def _parquet_rows(path: Path, shown: str) -> list[RawRow]:
@@ -165,3 +264,6 @@ def _json_array_rows(data: bytes, shown: str) -> list[RawRow]:
         else:
             rows.append(RawRow(where, record, f"element {i} of the JSON array is not an object"))
     return rows
+
+
+_READERS = {".parquet": _parquet_rows, ".csv": _csv_rows, ".csv.gz": _csv_rows}  # by suffix; else JSON

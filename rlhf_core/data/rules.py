@@ -21,7 +21,7 @@ HH_PROMPTS_DIFFER = "hh_prompts_differ"
 MALFORMED = "malformed"
 
 RULES: dict[str, str] = {
-    UNPARSEABLE: "the row is not valid JSON, not UTF-8, or not an object",
+    UNPARSEABLE: "the row cannot be read: not valid JSON, not UTF-8, not an object, or a CSV record with extra fields",
     MISSING_FIELD: "a field the format needs is missing or null",
     NOT_TEXT: "a text field holds something other than a string",
     BLANK_TEXT: "a text field is empty or only whitespace",
