@@ -38,14 +38,19 @@ def run(
 
     from flows import env_defaults
 
+    from flows.console import INTERRUPTED, REPORTED, fail, quiet_reported_failures
+    from tasks.params import ParamsError, load_params
+
     started = time.time()  # the compute share is of the whole command, the Prefect server's start included
     root = workspace.resolve()
+    try:
+        load_params(root / "params.yaml")  # not a workspace: say so before Prefect makes its home in the folder
+    except ParamsError as err:
+        raise fail(str(err), 2) from None
     env_defaults.apply(root)
     from flows.alignment import alignment_flow
-    from flows.console import INTERRUPTED, REPORTED, fail, quiet_reported_failures
     from flows.prefect_server import temporary_server
     from flows.report import print_run_summary
-    from tasks.params import ParamsError
     from tasks.preflight import preflight
     from tasks.process_groups import stop_orphans
     from tasks.stage_host import hosted

@@ -24,7 +24,8 @@ class ParamsError(ValueError):
 
 def load_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ParamsError(f"{path}: no such parameters file")
+        raise ParamsError(f"{path}: no such parameters file (a workspace is a clone of the pipeline's repository, with "
+                          "params.yaml and dvc.yaml: run from there, or pass --workspace PATH)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

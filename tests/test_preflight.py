@@ -291,3 +291,10 @@ def test_a_model_folder_must_hold_a_config_safetensors_weights_and_a_tokenizer(t
     assert "not a model folder: no *.safetensors weights (only pytorch_model.bin: pickled weights are not loaded" in line
     assert "config.json" not in line.split("not a model folder")[1] and "tokenizer" not in line.split("not a model folder")[1]
     assert "not a folder" in problems("data/pairs.jsonl")[0]
+
+
+def test_rlhf_run_outside_a_workspace_says_so_and_leaves_the_folder_empty(tmp_path):
+    proc = _cli(tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{tmp_path / 'params.yaml'}: no such parameters file" in proc.stderr and "--workspace" in proc.stderr
+    assert not list(tmp_path.iterdir())  # no Prefect home, no state folder
