@@ -37,7 +37,6 @@ def run(
     import time
 
     from flows import env_defaults
-
     from flows.console import INTERRUPTED, REPORTED, fail, quiet_reported_failures
     from tasks.params import ParamsError, load_params
 
