@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from tasks.stage_host import hosted
 from tasks.tracking.client import PARENT_RUN_ENV, TRACKING_URI_ENV, resolve_tracking_uri
 from tasks.tracking.gitinfo import git_info
 from tasks.tracking.outage import TrackingUnavailable, pending_dir, pending_journals
+from tasks.workspace_lock import workspace_run_lock
 
 STAGE_TIMEOUT_S = 6 * 3600
 
@@ -170,7 +170,9 @@ def alignment_flow(
     started_at = started_at or time.time()
     workspace_root = Path(workspace).resolve()
     name = flow_run.get_name() or "local"
-    checkout = isolated_checkout(workspace_root, ref, name, echo=get_run_logger().info) if ref else nullcontext(None)
+    # Workspace mode: one run at a time in the folder (rlhf run holds the lock already; a flow started otherwise takes it).
+    checkout = (isolated_checkout(workspace_root, ref, name, echo=get_run_logger().info) if ref
+                else workspace_run_lock(workspace_root, f"flow run {name}"))
     with checkout as isolated:
         root = str(isolated.root if isolated else workspace_root)
         changed = apply_overrides_task(root, overrides or [], push, remote, str(workspace_root))

@@ -35,6 +35,7 @@ def run(
     Ctrl-C ends it with one message saying what is intact and what to do (README: "When things go wrong").
     """
     import time
+    from contextlib import ExitStack
 
     from flows import env_defaults
     from flows.console import INTERRUPTED, REPORTED, fail, quiet_reported_failures
@@ -46,39 +47,48 @@ def run(
         load_params(root / "params.yaml")  # not a workspace: say so before Prefect makes its home in the folder
     except ParamsError as err:
         raise fail(str(err), 2) from None
-    env_defaults.apply(root)
-    from flows.alignment import alignment_flow
-    from flows.prefect_server import temporary_server
-    from flows.report import print_run_summary
-    from tasks.preflight import preflight
-    from tasks.process_groups import stop_orphans
-    from tasks.stage_host import hosted
-    from tasks.tracking.client import warm_up
-    from tasks.workspace import state_dir
+    lock = ExitStack()
+    if not ref:  # DVC's workspace model: one run at a time in the folder (tasks.workspace_lock)
+        from tasks.workspace_lock import WorkspaceBusy, workspace_run_lock
 
-    try:
-        params = preflight(root, list(set_), push=push, remote=remote)
-    except ParamsError as err:
-        raise fail(str(err), 2) from None
-    quiet_reported_failures()
-    try:
-        stop_orphans(state_dir(root), echo=typer.echo)  # what a killed run left behind
-        # While the Prefect server starts, a thread here imports MLflow and opens its store; the stage host then imports
-        # the stages' libraries beside the flow's first steps (all three at once on 2 cores slowed the server's start).
-        warming = warm_up(root, params.get("tracking"))
-        with temporary_server(state_dir(root), echo=typer.echo), hosted(export=True):
-            warming.join()
-            result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote,
-                                    stages=list(stage) or None, ref=ref, started_at=started)
-    except REPORTED as err:
-        if isinstance(err, KeyboardInterrupt):
-            raise fail(INTERRUPTED, 130) from None
-        kept = f"\n(params.yaml keeps this run's overrides {list(set_)}: `git checkout params.yaml` undoes them)" if set_ and not ref else ""
-        raise fail(f"{err}{kept}", 1) from None
-    print_run_summary(result)
-    if set_ and not ref:
-        typer.echo(f"overrides written to {root / 'params.yaml'} (DVC's workspace model, as `dvc exp run -S`): they stay for "
-                   "the next run; `git checkout params.yaml` undoes them, `--ref HEAD` runs isolated instead")
+        try:
+            lock.enter_context(workspace_run_lock(root))
+        except WorkspaceBusy as err:
+            raise fail(str(err), 2) from None
+    with lock:
+        env_defaults.apply(root)
+        from flows.alignment import alignment_flow
+        from flows.prefect_server import temporary_server
+        from flows.report import print_run_summary
+        from tasks.preflight import preflight
+        from tasks.process_groups import stop_orphans
+        from tasks.stage_host import hosted
+        from tasks.tracking.client import warm_up
+        from tasks.workspace import state_dir
+
+        try:
+            params = preflight(root, list(set_), push=push, remote=remote)
+        except ParamsError as err:
+            raise fail(str(err), 2) from None
+        quiet_reported_failures()
+        try:
+            stop_orphans(state_dir(root), echo=typer.echo)  # what a killed run left behind
+            # While the Prefect server starts, a thread here imports MLflow and opens its store; the stage host then imports
+            # the stages' libraries beside the flow's first steps (all three at once on 2 cores slowed the server's start).
+            warming = warm_up(root, params.get("tracking"))
+            with temporary_server(state_dir(root), echo=typer.echo), hosted(export=True):
+                warming.join()
+                result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote,
+                                        stages=list(stage) or None, ref=ref, started_at=started)
+        except REPORTED as err:
+            if isinstance(err, KeyboardInterrupt):
+                raise fail(INTERRUPTED, 130) from None
+            kept = f"\n(params.yaml keeps this run's overrides {list(set_)}: `git checkout params.yaml` undoes them)" if set_ and not ref else ""
+            raise fail(f"{err}{kept}", 1) from None
+        print_run_summary(result)
+        if set_ and not ref:
+            typer.echo(f"overrides written to {root / 'params.yaml'} (DVC's workspace model, as `dvc exp run -S`): they stay for "
+                       "the next run; `git checkout params.yaml` undoes them, `--ref HEAD` runs isolated instead")
 
 
 @app.command()
