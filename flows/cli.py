@@ -34,11 +34,13 @@ def run(
     `dvc exp run -S`), so dvc.lock records what ran and they stay for the next run. A failure or
     Ctrl-C ends it with one message saying what is intact and what to do (README: "When things go wrong").
     """
+    import os
+    import sys
     import time
     from contextlib import ExitStack
 
     from flows import env_defaults
-    from flows.console import INTERRUPTED, REPORTED, fail, quiet_reported_failures
+    from flows.console import INTERRUPTED, REPORTED, fail, prefect_server_lost, quiet_reported_failures, server_lost_message
     from tasks.params import ParamsError, load_params
 
     started = time.time()  # the compute share is of the whole command, the Prefect server's start included
@@ -80,11 +82,20 @@ def run(
                 warming.join()
                 result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote,
                                         stages=list(stage) or None, ref=ref, started_at=started)
-        except REPORTED as err:
-            if isinstance(err, KeyboardInterrupt):
-                raise fail(INTERRUPTED, 130) from None
+        except Exception as err:
+            if not isinstance(err, REPORTED) and not prefect_server_lost(err):
+                raise
+            lost = not isinstance(err, REPORTED)
+            message = server_lost_message(err, os.environ.get("PREFECT_API_URL")) if lost else str(err)
             kept = f"\n(params.yaml keeps this run's overrides {list(set_)}: `git checkout params.yaml` undoes them)" if set_ and not ref else ""
-            raise fail(f"{err}{kept}", 1) from None
+            exit_ = fail(f"{message}{kept}", 1)
+            if lost:  # Prefect would retry each event it still holds for the server at exit, ~7 s apiece, and print each
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
+            raise exit_ from None
+        except KeyboardInterrupt:
+            raise fail(INTERRUPTED, 130) from None
         print_run_summary(result)
         if set_ and not ref:
             typer.echo(f"overrides written to {root / 'params.yaml'} (DVC's workspace model, as `dvc exp run -S`): they stay for "

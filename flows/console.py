@@ -28,12 +28,30 @@ REPORTED = (UserFacingError, ParamsError, KeyboardInterrupt)
 ENGINE_LINES = ("Finished in state Failed(", "Finished in state Crashed(", "Crash detected!")
 
 
+def prefect_server_lost(err: BaseException) -> bool:
+    """Did Prefect's client lose its server (an ``httpx`` connection or protocol error, after its own retries)?"""
+    import httpx
+
+    return isinstance(err, httpx.TransportError)
+
+
+def server_lost_message(err: BaseException, url: str | None) -> str:
+    """What ``rlhf run`` says when the Prefect server stopped answering in the middle of a run."""
+    where = url or "the temporary Prefect server"
+    return (f"the Prefect server {where} stopped answering ({type(err).__name__}: {err}), so Prefect could not record the "
+            "rest of this flow run. What ran is kept: the stages that finished are in dvc.lock, metrics/ and MLflow "
+            "(`rlhf status`, `dvc status`). Once a server answers (without PREFECT_API_URL `rlhf run` starts its own), "
+            "`rlhf run` goes on from there: finished stages are skipped.")
+
+
 class QuietReportedFailures(logging.Filter):
     """Drops console records of failures the CLI reports once at the end (their tracebacks included)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], REPORTED):
             return False
+        if record.exc_info and record.name.startswith("prefect") and prefect_server_lost(record.exc_info[1]):
+            return False  # the engine's traceback of a server that went away: the final message says it
         message = record.getMessage()
         if record.name == "urllib3.connectionpool" and message.startswith("Retrying"):
             return False  # MLflow's bounded retries of a server that is down: the final message names it

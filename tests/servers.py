@@ -133,10 +133,10 @@ def s3_server() -> Iterator[str]:
             server.stop()
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on 127.0.0.1 with its own SQLite database; yields the API URL."""
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextmanager
+def running_prefect_server(home: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`prefect server start` on 127.0.0.1 with its own SQLite database in ``home``: (API URL, the server's process,
+    the leader of its process group)."""
     port = free_port()
     log = home / "server.log"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -148,9 +148,16 @@ def prefect_server(tmp_path_factory):
         )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout_s=120, alive=lambda: proc.poll() is None, log=log)
-        yield f"http://127.0.0.1:{port}/api"
+        yield f"http://127.0.0.1:{port}/api", proc
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` for the session (:func:`running_prefect_server`); yields the API URL."""
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-home")) as (url, _):
+        yield url
 
 
 def prefect_cli(args: list[str], env: dict, cwd: Path, timeout: int = 120):

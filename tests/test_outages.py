@@ -9,6 +9,9 @@
   run is under way, before the push: the run fails with one message naming the remote, and the
   MLflow parent run is FINISHED with its summary, tagged ``dvc.push=failed``, so ``rlhf compare``
   lists it.
+- A Prefect server the run was pointed at (``PREFECT_API_URL``) killed while SFT trains: the stages go on (Prefect
+  reports task states as events, which it only warns about), the MLflow parent run ends FINISHED, and the run ends
+  with one message naming the server, no traceback, with SFT in dvc.lock.
 
 The only wall-time assertion is a generous bound that a hang (MLflow's default ~4 min of retries
 per call, as before) would break.
@@ -25,7 +28,7 @@ import pytest
 import yaml
 
 from tests.run_watch import parent_run, rlhf, runs, wait_for_stage_run
-from tests.servers import free_port, running_mlflow_server
+from tests.servers import free_port, running_mlflow_server, running_prefect_server
 from tests.workspace_factory import make_workspace, run
 
 pytestmark = pytest.mark.slow
@@ -118,3 +121,22 @@ def test_a_remote_down_at_the_push_fails_the_run_but_its_record_is_complete(tmp_
     record = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_run(parent)
     assert record.data.tags["dvc.push"] == "failed" and "ingest/seconds" in record.data.metrics
     assert parent in [r.info.run_id for r in pipeline_runs(ws, None, last=5)]  # what `rlhf compare` lists
+
+
+def test_a_prefect_server_that_goes_away_mid_run_ends_it_with_one_message_and_keeps_what_ran(tmp_path):
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    with running_prefect_server(home) as (api, server):
+        ws = make_workspace(tmp_path / "ws", ["sft.max_steps=100", "sft.eval_steps=50", "sft.save_steps=50"])
+        # No client retries: the engine's last call (the flow run's final state) fails at once instead of after ~80 s.
+        proc = rlhf(ws, "run", "--no-push", *("--stage", "ingest", "--stage", "prepare", "--stage", "validate", "--stage", "sft"),
+                    env={"PREFECT_API_URL": api, "PREFECT_CLIENT_MAX_RETRIES": "0"})
+        wait_for_stage_run(ws / "mlflow.db", proc, "sft")
+        os.killpg(server.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    message = err[err.index("[rlhf] the Prefect server"):]
+    assert api in message and "stopped answering" in message and "What ran is kept" in message, message
+    assert "Traceback" not in out + err, err[-3000:]
+    assert yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["sft"]["outs"]  # SFT finished and is recorded
+    assert runs(ws / "mlflow.db")["sft"][0] == "FINISHED" and parent_run(ws / "mlflow.db")[0] == "FINISHED"
