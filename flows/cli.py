@@ -247,27 +247,29 @@ def data_inspect(
     rows: int = typer.Option(2, help="Example rows to show."),
     column: list[str] = typer.Option([], "--column", help="OLD=NEW: rename a column first (prepare.<kind>_columns); repeatable."),
 ) -> None:
-    """Load a dataset, detect its format, normalise it and show what the pipeline would see."""
-    from rlhf_core.data.columns import check_columns, check_mapping
-    from rlhf_core.data.formats import DataFormatError, detect_format, normalize
-    from rlhf_core.data.loading import DataLoadError, load_records
+    """Read a dataset as `prepare` does: detect its format, normalise and clean it, show what the pipeline would see
+    (the rows `prepare.invalid_rows: drop` would set aside, per rule, and example rows it would keep)."""
+    from rlhf_core.data.cleaning import clean
+    from rlhf_core.data.columns import check_mapping
+    from rlhf_core.data.formats import OUTPUT_COLUMNS, DataFormatError, _check_kind
+    from rlhf_core.data.loading import DataLoadError
+    from rlhf_core.data.rows import read_rows
 
     try:
+        _check_kind(kind)
         mapping = check_mapping(dict(_pair(c) for c in column), "--column")
-        raw = load_records(source)
-        if mapping:
-            check_columns(raw.column_names, mapping, source)
-            raw = raw.rename_columns(mapping)
-        detected = detect_format(raw, kind) if format == "auto" else format
-        ds = normalize(raw, kind=kind, format=format)
+        raw = read_rows(source)
+        result = clean(raw, kind, format, columns=mapping)
     except (DataFormatError, DataLoadError, ValueError) as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"{source}: {len(raw)} rows, columns {raw.column_names}" + (f" (renamed: {mapping})" if mapping else ""))
-    typer.echo(f"format: {detected} -> {kind} records with columns {ds.column_names}")
+    typer.echo(f"{source}: {len(raw.rows)} rows, columns {raw.columns}" + (f" (renamed: {mapping})" if mapping else ""))
+    typer.echo(f"format: {result.format} -> {kind} records with columns {list(OUTPUT_COLUMNS[kind])}")
+    typer.echo(result.report())
+    ds = result.dataset
     for i in range(min(rows, len(ds))):
-        typer.echo(f"--- row {i}")
-        for col in ds.column_names:
+        typer.echo(f"--- row {i} ({ds[i]['source_file']} {ds[i]['source_unit']} {ds[i]['source_row']})")
+        for col in OUTPUT_COLUMNS[kind]:
             if col != "prompt_messages":
                 typer.echo(f"{col}: {str(ds[i][col])[:300]!s}")
 

@@ -44,6 +44,19 @@ def test_data_inspect_renames_columns_and_refuses_a_malformed_rename(tmp_path):
     assert result.exit_code == 1 and "expected OLD=NEW" in result.output
 
 
+def test_data_inspect_reads_a_dirty_file_as_prepare_does(tmp_path):
+    """A broken line and a null reply are what `prepare.invalid_rows: drop` sets aside: named with their lines, the
+    other rows shown (a strict read would stop at the first)."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "A?", "chosen": "yes", "rejected": "no"}\n{"prompt": "B?", "chosen": \n'
+                    '{"prompt": "C?", "chosen": null, "rejected": "no"}\n{"prompt": "D?", "chosen": "yes", "rejected": "no"}\n')
+    result = runner.invoke(app, ["data", "inspect", str(data), "--rows", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"{data}: 2 of 4 rows invalid" in result.output
+    assert f"{data} line 2: malformed JSON" in result.output and f"{data} line 3: column 'chosen' must be a string" in result.output
+    assert f"--- row 1 ({data} line 4)" in result.output and "prompt: D?" in result.output
+
+
 def test_data_inspect_names_a_missing_file(tmp_path):
     result = runner.invoke(app, ["data", "inspect", str(tmp_path / "nope.jsonl")])
     assert result.exit_code == 1 and "nope.jsonl" in result.output
