@@ -124,7 +124,9 @@ def test_rlhf_run_stops_before_starting_anything_with_one_line_and_params_intact
     assert proc.stderr.strip().count("\n") == 0, proc.stderr  # one line
     assert params_file.read_text() == before
     # Nothing started: no stage ran (no dvc.lock), no tracking store, no Prefect server's home.
-    assert {p.name for p in params_file.parent.iterdir()} <= {"params.yaml", ".prefect"}
+    # (.rlhf/ holds the workspace's run lock only: the run held it while it checked, tasks/workspace_lock.py)
+    assert {p.name for p in params_file.parent.iterdir()} <= {"params.yaml", ".prefect", ".rlhf"}
+    assert [p.name for p in (params_file.parent / ".rlhf").iterdir()] == ["workspace-run.lock"]
     assert not (params_file.parent / "dvc.lock").exists() and not (params_file.parent / "mlflow.db").exists()
 
 
@@ -156,7 +158,8 @@ def test_rlhf_run_stops_before_starting_anything_when_the_s3_remote_does_not_ans
     assert f"the DVC remote 'store' (s3://bucket/rlhf, endpoint http://127.0.0.1:{port}) does not answer" in line
     assert "--no-push" in line and "dvc remote modify store" in line
     assert (ws / "params.yaml").read_text() == before
-    assert {p.name for p in ws.iterdir()} <= {"params.yaml", ".dvc", ".dvcignore", ".prefect"}  # nothing started
+    assert {p.name for p in ws.iterdir()} <= {"params.yaml", ".dvc", ".dvcignore", ".prefect", ".rlhf"}  # nothing started
+    assert [p.name for p in (ws / ".rlhf").iterdir()] == ["workspace-run.lock"]  # the run lock it held while checking
 
 
 def test_a_live_s3_remote_passes_and_a_missing_bucket_is_named(tmp_path, s3_server):
