@@ -298,3 +298,16 @@ def test_s3_object_and_prefix_through_fsspec(tmp_path: Path) -> None:
             load_records("s3://bucket/bad/", storage_options=options)
     finally:
         server.stop()
+
+
+def test_one_json_object_over_several_lines_is_named_as_such_not_as_malformed_lines(tmp_path):
+    """A pretty-printed ``{"version": ..., "data": [...]}`` (SQuAD-style): each of its lines alone is broken JSON, so
+    without this every line would be reported as malformed."""
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps({"version": "1", "data": [{"prompt": "p", "chosen": "a", "rejected": "b"}]}, indent=2))
+    with pytest.raises(DataLoadError, match=r"wrapped.json: one JSON object over several lines \(keys \['version', 'data'\]\), "
+                                            r"not JSON Lines .* it holds a list under \['data'\]: .*jq '.data' FILE"):
+        read_rows(path)
+    broken = tmp_path / "broken.jsonl"  # broken lines that are not one object either: still reported line by line
+    broken.write_text('{"prompt": \n{"prompt": "p"\n')
+    assert [row.problem is not None for row in read_rows(broken).rows] == [True, True]

@@ -222,7 +222,24 @@ def _json_rows(path: Path, shown: str) -> list[RawRow]:
                 line = line.lstrip(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
             if line:
                 rows.append(_json_line(line, SourceRow(shown, lineno, LINE)))
+    if rows and all(row.problem for row in rows) and len(rows) > 1:
+        _refuse_one_object(path, opener, shown)
     return rows
+
+
+def _refuse_one_object(path: Path, opener: Any, shown: str) -> None:
+    """No line parses on its own: when the whole file is one JSON object written over several lines, say so (its
+    lines would otherwise each be reported as malformed JSON)."""
+    try:
+        with opener(path, "rb") as handle:
+            whole = json.loads(handle.read().decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError):
+        return  # not one JSON document either: the lines' own problems say what is wrong
+    if isinstance(whole, dict):
+        lists = [key for key, value in whole.items() if isinstance(value, list)]
+        hint = f"; it holds a list under {lists}: write that list out, e.g. `jq '.{lists[0]}' FILE`" if lists else ""
+        raise DataLoadError(f"{shown}: one JSON object over several lines (keys {list(whole)[:10]}), not JSON Lines (one "
+                            f"object per line) or a JSON array of objects{hint}")
 
 
 def _lines(head: bytes, handle: Any):
