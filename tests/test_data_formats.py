@@ -17,8 +17,8 @@ from rlhf_core.data.formats import (
     DataFormatError,
     detect_format,
     normalize,
-    render_transcript,
 )
+from rlhf_core.data.messages import render_transcript
 
 A = "\n\nAssistant:"
 

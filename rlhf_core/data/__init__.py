@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
     "PROMPT_FORMATS": "formats",
     "detect_format": "formats",
     "normalize": "formats",
-    "render_transcript": "formats",
+    "render_transcript": "messages",
     "TruncationConfig": "tokenize",
     "TokenizeStats": "tokenize",
     "IGNORE_INDEX": "tokenize",
@@ -52,9 +52,9 @@ if TYPE_CHECKING:
         DataFormatError,
         detect_format,
         normalize,
-        render_transcript,
     )
     from rlhf_core.data.loading import SUPPORTED_SUFFIXES, DataLoadError, load_records
+    from rlhf_core.data.messages import render_transcript
     from rlhf_core.data.rows import SOURCE_COLUMNS, read_rows
     from rlhf_core.data.tokenize import (
         IGNORE_INDEX,

@@ -20,18 +20,29 @@ Each input format is a small adapter ``(row, index) -> normalised row`` with its
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import datasets
 
-from rlhf_core.data.rules import HH_NO_ASSISTANT_TURN, HH_PROMPTS_DIFFER, type_rule
-from rlhf_core.data.rules import RowRuleError as _RowError
+from rlhf_core.data.messages import (
+    ASSISTANT_TAG,
+    HUMAN_TAG,
+    Message,
+    message_list,
+    parse_hh_transcript,
+    prompt_fields,
+    sharegpt_messages,
+    sharegpt_turn,
+    split_reply,
+    text_field,
+    user_prompt,
+    with_system,
+)
+from rlhf_core.data.rules import HH_NO_ASSISTANT_TURN, HH_PROMPTS_DIFFER, RowRuleError
 
 Kind = Literal["sft", "preference", "prompt"]
-Message = dict[str, str]
 
 # Format names (public: params.yaml and callers use these strings).
 PROMPT_COMPLETION = "prompt_completion"
@@ -55,105 +66,8 @@ OUTPUT_COLUMNS: dict[str, tuple[str, ...]] = {
     "prompt": ("prompt", "prompt_messages"),
 }
 
-HUMAN_TAG = "\n\nHuman:"
-ASSISTANT_TAG = "\n\nAssistant:"
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES: dict[str, str] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
 class DataFormatError(ValueError):
     """Records do not match the requested (or any accepted) format; names columns, row and rule."""
-
-
-# ---------------------------------------------------------------- messages and transcripts
-
-
-def render_transcript(messages: Sequence[Mapping[str, str]]) -> str:
-    """Plain-text prompt: the user text for one user message, else the HH transcript ending in the assistant cue."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    turns = "".join(
-        f"{HUMAN_TAG if m['role'] == 'user' else ASSISTANT_TAG} {m['content']}" for m in messages if m["role"] != "system"
-    )
-    return f"{system}{turns}{ASSISTANT_TAG}"
-
-
-def parse_hh_transcript(prompt: str) -> list[Message]:
-    """Turns of an HH prompt (``"\\n\\nHuman: a\\n\\nAssistant: b ... \\n\\nAssistant:"``), without the final cue."""
-    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # [head, tag, text, tag, text, ...]
-    if parts[0].strip():
-        raise _RowError(f"text before the first {HUMAN_TAG!r}: {parts[0][:60]!r}")
-    messages = [
-        {"role": "user" if tag == "Human" else "assistant", "content": text.strip()}
-        for tag, text in zip(parts[1::2], parts[2::2])
-    ]
-    messages.pop()  # the empty assistant turn the prompt ends with
-    if not messages:
-        raise _RowError(f"no {HUMAN_TAG!r} turn before the final {ASSISTANT_TAG!r}")
-    return messages
-
-
-def _text(row: Mapping[str, Any], column: str) -> str:
-    value = row.get(column)
-    if not isinstance(value, str):
-        raise _RowError(f"column {column!r} must be a string, got {type(value).__name__}", type_rule(value))
-    return value
-
-
-def _messages(value: Any, where: str) -> list[Message]:
-    """Validated role/content messages (extra keys dropped)."""
-    if not isinstance(value, list) or not value:
-        raise _RowError(f"{where} must be a non-empty list of role/content messages")
-    out = []
-    for i, message in enumerate(value):
-        role = message.get("role") if isinstance(message, Mapping) else None
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if role not in ROLES:
-            raise _RowError(f"{where}[{i}] role must be one of {ROLES}, got {role!r}")
-        if not isinstance(content, str):
-            raise _RowError(f"{where}[{i}] content must be a string, got {type(content).__name__}", type_rule(content))
-        out.append({"role": role, "content": content})
-    return out
-
-
-def _sharegpt_turn(turn: Any, where: str) -> Message:
-    sender = turn.get("from") if isinstance(turn, Mapping) else None
-    value = turn.get("value") if isinstance(turn, Mapping) else None
-    if sender not in SHAREGPT_ROLES:
-        raise _RowError(f"{where} 'from' must be one of {tuple(SHAREGPT_ROLES)}, got {sender!r}")
-    if not isinstance(value, str):
-        raise _RowError(f"{where} 'value' must be a string, got {type(value).__name__}", type_rule(value))
-    return {"role": SHAREGPT_ROLES[sender], "content": value}
-
-
-def _sharegpt_messages(row: Mapping[str, Any]) -> list[Message]:
-    turns = row.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise _RowError("'conversations' must be a non-empty list of {from, value} turns")
-    messages = [_sharegpt_turn(t, f"conversations[{i}]") for i, t in enumerate(turns)]
-    return _with_system(row, messages)
-
-
-def _with_system(row: Mapping[str, Any], messages: list[Message]) -> list[Message]:
-    """Prepend the optional ``system`` column (ignored when empty or null)."""
-    system = row.get("system")
-    if system is not None and not isinstance(system, str):
-        raise _RowError(f"column 'system' must be a string, got {type(system).__name__}")
-    return [{"role": "system", "content": system}, *messages] if system and system.strip() else messages
-
-
-def _split_reply(messages: list[Message], where: str) -> tuple[list[Message], str]:
-    """(conversation before the final assistant reply, that reply)."""
-    if messages[-1]["role"] != "assistant":
-        raise _RowError(f"{where} must end with an assistant message, got {messages[-1]['role']!r}")
-    if len(messages) < 2:
-        raise _RowError(f"{where} has no message before the final assistant reply")
-    return messages[:-1], messages[-1]["content"]
-
-
-def _prompt_fields(prompt_messages: list[Message]) -> dict[str, Any]:
-    return {"prompt": render_transcript(prompt_messages), "prompt_messages": prompt_messages}
 
 
 # ---------------------------------------------------------------- adapters: row -> normalised row
@@ -161,64 +75,59 @@ def _prompt_fields(prompt_messages: list[Message]) -> dict[str, Any]:
 
 def _prompt_completion(row: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(row.get("prompt"), list):  # TRL's conversational prompt-completion: two message lists
-        messages = _messages(row["prompt"], "'prompt'") + _messages(row.get("completion"), "'completion'")
-        prompt_messages, reply = _split_reply(messages, "'prompt' + 'completion'")
-        return {**_prompt_fields(prompt_messages), "completion": reply.strip()}
-    return {**_prompt_fields(_user_prompt(row)), "completion": _text(row, "completion").strip()}
+        messages = message_list(row["prompt"], "'prompt'") + message_list(row.get("completion"), "'completion'")
+        prompt_messages, reply = split_reply(messages, "'prompt' + 'completion'")
+        return {**prompt_fields(prompt_messages), "completion": reply.strip()}
+    return {**prompt_fields(user_prompt(row)), "completion": text_field(row, "completion").strip()}
 
 
 def _alpaca(row: Mapping[str, Any]) -> dict[str, Any]:
-    instruction, extra = _text(row, "instruction"), row.get("input")
+    instruction, extra = text_field(row, "instruction"), row.get("input")
     if extra is not None and not isinstance(extra, str):
-        raise _RowError(f"column 'input' must be a string, got {type(extra).__name__}")
+        raise RowRuleError(f"column 'input' must be a string, got {type(extra).__name__}")
     user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
     history: list[Message] = []
     for i, pair in enumerate(row.get("history") or []):  # LLaMA-Factory's optional [[query, response], ...]
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise _RowError(f"history[{i}] must be a [query, response] pair of strings")
+            raise RowRuleError(f"history[{i}] must be a [query, response] pair of strings")
         history += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    messages = _with_system(row, [*history, {"role": "user", "content": user}])
-    return {**_prompt_fields(messages), "completion": _text(row, "output").strip()}
+    messages = with_system(row, [*history, {"role": "user", "content": user}])
+    return {**prompt_fields(messages), "completion": text_field(row, "output").strip()}
 
 
 def _messages_sft(row: Mapping[str, Any]) -> dict[str, Any]:
-    prompt_messages, reply = _split_reply(_messages(row.get("messages"), "'messages'"), "'messages'")
-    return {**_prompt_fields(prompt_messages), "completion": reply.strip()}
+    prompt_messages, reply = split_reply(message_list(row.get("messages"), "'messages'"), "'messages'")
+    return {**prompt_fields(prompt_messages), "completion": reply.strip()}
 
 
 def _sharegpt(row: Mapping[str, Any]) -> dict[str, Any]:
-    prompt_messages, reply = _split_reply(_sharegpt_messages(row), "'conversations'")
-    return {**_prompt_fields(prompt_messages), "completion": reply.strip()}
-
-
-def _user_prompt(row: Mapping[str, Any]) -> list[Message]:
-    """A text ``prompt`` as one user message, after the optional ``system`` column (Orca DPO pairs have one)."""
-    return _with_system(row, [{"role": "user", "content": _text(row, "prompt")}])
+    prompt_messages, reply = split_reply(sharegpt_messages(row), "'conversations'")
+    return {**prompt_fields(prompt_messages), "completion": reply.strip()}
 
 
 def _prompt_chosen_rejected(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        **_prompt_fields(_user_prompt(row)),
-        "chosen": _text(row, "chosen").strip(),
-        "rejected": _text(row, "rejected").strip(),
+        **prompt_fields(user_prompt(row)),
+        "chosen": text_field(row, "chosen").strip(),
+        "rejected": text_field(row, "rejected").strip(),
     }
 
 
 def _hh_rlhf(row: Mapping[str, Any]) -> dict[str, Any]:
-    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if ASSISTANT_TAG not in text:
-            raise _RowError(f"{name!r} transcript has no {ASSISTANT_TAG!r} turn", HH_NO_ASSISTANT_TURN)
+            raise RowRuleError(f"{name!r} transcript has no {ASSISTANT_TAG!r} turn", HH_NO_ASSISTANT_TURN)
     # The prompt is the shared prefix cut after its last assistant cue: in a few real rows a
     # reply itself contains "\n\nAssistant:", so the last cue of each transcript would disagree.
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(ASSISTANT_TAG)
     if cut < 0:
-        raise _RowError(f"'chosen' and 'rejected' do not share a prefix ending in {ASSISTANT_TAG!r}", HH_PROMPTS_DIFFER)
+        raise RowRuleError(f"'chosen' and 'rejected' do not share a prefix ending in {ASSISTANT_TAG!r}", HH_PROMPTS_DIFFER)
     prompt = shared[: cut + len(ASSISTANT_TAG)]
     for name, text in (("chosen", chosen), ("rejected", rejected)):  # a later human turn: the histories diverged
         if HUMAN_TAG in text[len(prompt):]:
-            raise _RowError(f"{name!r} has a {HUMAN_TAG!r} turn after the shared prompt: the conversations differ", HH_PROMPTS_DIFFER)
+            raise RowRuleError(f"{name!r} has a {HUMAN_TAG!r} turn after the shared prompt: the conversations differ", HH_PROMPTS_DIFFER)
     return {
         "prompt": prompt,
         "prompt_messages": parse_hh_transcript(prompt),
@@ -230,37 +139,37 @@ def _hh_rlhf(row: Mapping[str, Any]) -> dict[str, Any]:
 def _messages_pair(row: Mapping[str, Any]) -> dict[str, Any]:
     # A text ``prompt`` beside full conversations (UltraFeedback-binarized and others) only restates the conversations'
     # user turn: the prompt is what they share, as TRL's ``maybe_extract_prompt`` takes it.
-    prefix = _messages(row["prompt"], "'prompt'") if row.get("prompt") is not None and not _is_str(row["prompt"]) else []
-    chosen = prefix + _messages(row.get("chosen"), "'chosen'")
-    rejected = prefix + _messages(row.get("rejected"), "'rejected'")
-    chosen_prompt, chosen_reply = _split_reply(chosen, "'chosen'")
-    rejected_prompt, rejected_reply = _split_reply(rejected, "'rejected'")
+    prefix = message_list(row["prompt"], "'prompt'") if row.get("prompt") is not None and not _is_str(row["prompt"]) else []
+    chosen = prefix + message_list(row.get("chosen"), "'chosen'")
+    rejected = prefix + message_list(row.get("rejected"), "'rejected'")
+    chosen_prompt, chosen_reply = split_reply(chosen, "'chosen'")
+    rejected_prompt, rejected_reply = split_reply(rejected, "'rejected'")
     if chosen_prompt != rejected_prompt:
-        raise _RowError("'chosen' and 'rejected' must share every message but the last assistant reply")
-    return {**_prompt_fields(chosen_prompt), "chosen": chosen_reply.strip(), "rejected": rejected_reply.strip()}
+        raise RowRuleError("'chosen' and 'rejected' must share every message but the last assistant reply")
+    return {**prompt_fields(chosen_prompt), "chosen": chosen_reply.strip(), "rejected": rejected_reply.strip()}
 
 
 def _sharegpt_dpo(row: Mapping[str, Any]) -> dict[str, Any]:
-    prompt_messages = _sharegpt_messages(row)
+    prompt_messages = sharegpt_messages(row)
     if prompt_messages[-1]["role"] != "user":
-        raise _RowError(f"'conversations' must end with a human turn, got {prompt_messages[-1]['role']!r}")
+        raise RowRuleError(f"'conversations' must end with a human turn, got {prompt_messages[-1]['role']!r}")
     replies = {}
     for name in ("chosen", "rejected"):
-        turn = _sharegpt_turn(row.get(name), repr(name))
+        turn = sharegpt_turn(row.get(name), repr(name))
         if turn["role"] != "assistant":
-            raise _RowError(f"{name!r} must be a gpt turn, got {turn['role']!r}")
+            raise RowRuleError(f"{name!r} must be a gpt turn, got {turn['role']!r}")
         replies[name] = turn["content"].strip()
-    return {**_prompt_fields(prompt_messages), **replies}
+    return {**prompt_fields(prompt_messages), **replies}
 
 
 def _prompt_only(row: Mapping[str, Any]) -> dict[str, Any]:
     value = row.get("prompt")
     if isinstance(value, str):
-        return _prompt_fields(_user_prompt(row))
-    messages = _messages(value, "'prompt'")
+        return prompt_fields(user_prompt(row))
+    messages = message_list(value, "'prompt'")
     if messages[-1]["role"] != "user":
-        raise _RowError(f"a 'prompt' conversation must end with a user message, got {messages[-1]['role']!r}")
-    return _prompt_fields(messages)
+        raise RowRuleError(f"a 'prompt' conversation must end with a user message, got {messages[-1]['role']!r}")
+    return prompt_fields(messages)
 
 
 # ---------------------------------------------------------------- registry and detection
@@ -389,7 +298,7 @@ def normalize(dataset: datasets.Dataset, kind: Kind, format: str = "auto") -> da
     def convert(row: dict[str, Any], index: int) -> dict[str, Any]:
         try:
             record = spec.adapter(row)
-        except _RowError as err:
+        except RowRuleError as err:
             raise DataFormatError(f"row {index} ({name} format): {err} [rule {err.rule}]") from None
         return {column: record[column] for column in keep}
 
