@@ -73,6 +73,7 @@ def run(
         except ParamsError as err:
             raise fail(str(err), 2) from None
         quiet_reported_failures()
+        kept = f"\n(params.yaml keeps this run's overrides {list(set_)}: `git checkout params.yaml` undoes them)" if set_ and not ref else ""
         try:
             stop_orphans(state_dir(root), echo=typer.echo)  # what a killed run left behind
             # While the Prefect server starts, a thread here imports MLflow and opens its store; the stage host then imports
@@ -82,20 +83,18 @@ def run(
                 warming.join()
                 result = alignment_flow(workspace=str(root), overrides=list(set_), push=push, remote=remote,
                                         stages=list(stage) or None, ref=ref, started_at=started)
-        except Exception as err:
-            if not isinstance(err, REPORTED) and not prefect_server_lost(err):
-                raise
-            lost = not isinstance(err, REPORTED)
-            message = server_lost_message(err, os.environ.get("PREFECT_API_URL")) if lost else str(err)
-            kept = f"\n(params.yaml keeps this run's overrides {list(set_)}: `git checkout params.yaml` undoes them)" if set_ and not ref else ""
-            exit_ = fail(f"{message}{kept}", 1)
-            if lost:  # Prefect would retry each event it still holds for the server at exit, ~7 s apiece, and print each
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(1)
-            raise exit_ from None
         except KeyboardInterrupt:
             raise fail(INTERRUPTED, 130) from None
+        except REPORTED as err:
+            raise fail(f"{err}{kept}", 1) from None
+        except Exception as err:
+            if not prefect_server_lost(err):
+                raise
+            fail(f"{server_lost_message(err, os.environ.get('PREFECT_API_URL'))}{kept}", 1)
+            # Not a normal exit: Prefect would retry each event it still holds for the lost server, ~7 s apiece.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         print_run_summary(result)
         if set_ and not ref:
             typer.echo(f"overrides written to {root / 'params.yaml'} (DVC's workspace model, as `dvc exp run -S`): they stay for "
@@ -251,12 +250,11 @@ def data_inspect(
     (the rows `prepare.invalid_rows: drop` would set aside, per rule, and example rows it would keep)."""
     from rlhf_core.data.cleaning import clean
     from rlhf_core.data.columns import check_mapping
-    from rlhf_core.data.formats import OUTPUT_COLUMNS, DataFormatError, _check_kind
+    from rlhf_core.data.formats import OUTPUT_COLUMNS, DataFormatError
     from rlhf_core.data.loading import DataLoadError
     from rlhf_core.data.rows import read_rows
 
     try:
-        _check_kind(kind)
         mapping = check_mapping(dict(_pair(c) for c in column), "--column")
         raw = read_rows(source)
         result = clean(raw, kind, format, columns=mapping)

@@ -222,7 +222,7 @@ def _json_rows(path: Path, shown: str) -> list[RawRow]:
                 line = line.lstrip(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
             if line:
                 rows.append(_json_line(line, SourceRow(shown, lineno, LINE)))
-    if rows and all(row.problem for row in rows) and len(rows) > 1:
+    if len(rows) > 1 and all(row.problem for row in rows):
         _refuse_one_object(path, opener, shown)
     return rows
 

@@ -76,7 +76,8 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], promp
     task: 16,000 pairs, 160 prompts), and rendering the chat template is the slow part.
     """
     chat = bool(tokenizer.chat_template)
-    keys = [_prompt_key(messages) for messages in prompt_messages] if chat else list(prompts)
+    # What the chat template renders, as a dict key (messages are role/content strings: always JSON)
+    keys = [json.dumps(messages, ensure_ascii=False) for messages in prompt_messages] if chat else list(prompts)
     first = {}  # key -> the first row with it
     for i, key in enumerate(keys):
         first.setdefault(key, i)
@@ -91,14 +92,6 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], promp
                    for ids in tokenizer([prompts[i] for i in rows])["input_ids"]]
     by_key = dict(zip(first, encoded))
     return [list(by_key[key]) for key in keys]  # a list of its own per row
-
-
-def _prompt_key(messages: Any) -> Any:
-    """What the chat template renders, as a dict key: the messages as JSON, or the row itself if not JSON-able."""
-    try:
-        return json.dumps(messages, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return object()  # never equal to another key: this row is encoded on its own
 
 
 def encode_completions(tokenizer: PreTrainedTokenizerBase, completions: list[str]) -> list[list[int]]:
