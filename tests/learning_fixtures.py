@@ -9,6 +9,7 @@ cores. Sizes are the smallest at which the learning assertions hold with margin 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -87,8 +88,8 @@ def sft_result(synthetic_task, synthetic_tokenizer, tmp_path_factory):
     def build(work: Path) -> None:
         model = build_tiny_causal_lm(synthetic_tokenizer, TinyModelConfig(hidden_size=128, n_layer=2, max_positions=64), seed=0)
         logs: list[tuple[int, dict]] = []
-        cfg.output_dir = str(work / "ckpt")
-        result = train_sft(model, synthetic_tokenizer, synthetic_task["sft_train"], synthetic_task["sft_test"], cfg,
+        result = train_sft(model, synthetic_tokenizer, synthetic_task["sft_train"], synthetic_task["sft_test"],
+                           dataclasses.replace(cfg, output_dir=str(work / "ckpt")),
                            log_fn=lambda m, s: logs.append((s, m)))
         save_model(result.model, synthetic_tokenizer, work / "model")
         (work / "result.json").write_text(json.dumps({"metrics": result.metrics, "logs": logs}))
