@@ -15,6 +15,7 @@ Message = dict[str, str]
 HUMAN_TAG = "\n\nHuman:"
 ASSISTANT_TAG = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant")
+_SAME_ROLES: dict[str, str] = {role: role for role in ROLES}
 SHAREGPT_ROLES: dict[str, str] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -55,26 +56,22 @@ def message_list(value: Any, where: str) -> list[Message]:
     """Validated role/content messages (extra keys dropped)."""
     if not isinstance(value, list) or not value:
         raise RowRuleError(f"{where} must be a non-empty list of role/content messages")
-    out = []
-    for i, message in enumerate(value):
-        role = message.get("role") if isinstance(message, Mapping) else None
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if role not in ROLES:
-            raise RowRuleError(f"{where}[{i}] role must be one of {ROLES}, got {role!r}")
-        if not isinstance(content, str):
-            raise RowRuleError(f"{where}[{i}] content must be a string, got {type(content).__name__}", type_rule(content))
-        out.append({"role": role, "content": content})
-    return out
+    return [_turn(message, f"{where}[{i}]", "role", "content", _SAME_ROLES) for i, message in enumerate(value)]
 
 
 def sharegpt_turn(turn: Any, where: str) -> Message:
-    sender = turn.get("from") if isinstance(turn, Mapping) else None
-    value = turn.get("value") if isinstance(turn, Mapping) else None
-    if sender not in SHAREGPT_ROLES:
-        raise RowRuleError(f"{where} 'from' must be one of {tuple(SHAREGPT_ROLES)}, got {sender!r}")
-    if not isinstance(value, str):
-        raise RowRuleError(f"{where} 'value' must be a string, got {type(value).__name__}", type_rule(value))
-    return {"role": SHAREGPT_ROLES[sender], "content": value}
+    return _turn(turn, where, "from", "value", SHAREGPT_ROLES)
+
+
+def _turn(item: Any, where: str, role_key: str, text_key: str, roles: Mapping[str, str]) -> Message:
+    """One message from ``item``'s ``role_key`` (one of ``roles``, mapped to its role) and ``text_key`` (a string)."""
+    role = item.get(role_key) if isinstance(item, Mapping) else None
+    text = item.get(text_key) if isinstance(item, Mapping) else None
+    if role not in roles:
+        raise RowRuleError(f"{where} {role_key!r} must be one of {tuple(roles)}, got {role!r}")
+    if not isinstance(text, str):
+        raise RowRuleError(f"{where} {text_key!r} must be a string, got {type(text).__name__}", type_rule(text))
+    return {"role": roles[role], "content": text}
 
 
 def sharegpt_messages(row: Mapping[str, Any]) -> list[Message]:
